@@ -1,0 +1,10 @@
+"""optpipe: compile a Hugging Face Transformers model into an optimized, validated ONNX artifact per target."""
+
+__version__ = "0.1.0"
+
+from optpipe.artifact import Artifact  # noqa: E402
+from optpipe.api import optimize  # noqa: E402
+from optpipe.errors import OptpipeError  # noqa: E402
+from optpipe.targets import list_targets, load_target  # noqa: E402
+
+__all__ = ["Artifact", "OptpipeError", "list_targets", "load_target", "optimize", "__version__"]

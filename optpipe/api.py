@@ -1,0 +1,148 @@
+"""optimize(): resolve the model, run the target's pipeline, validate, publish atomically."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from optpipe import __version__
+from optpipe.artifact import Artifact, prepare_destination, publish, staging_dir
+from optpipe.errors import OutputError, ValidationFailedError
+from optpipe.pipeline import ModelFiles, Pipeline, PipelineResult, _package_versions
+from optpipe.source import ModelSource, resolve_source
+from optpipe.targets import Target, load_target
+from optpipe.validate import ValidationResult, validate
+
+log = logging.getLogger("optpipe")
+
+FUSED_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "QAttention", "SkipLayerNormalization",
+             "EmbedLayerNormalization", "QEmbedLayerNormalization", "BiasGelu", "FastGelu", "Gelu",
+             "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "RotaryEmbedding",
+             "LayerNormalization", "BiasSplitGelu", "BiasAdd"}
+
+
+def resolve_target(target: str | Path | Target, overrides: tuple[str, ...] | list[str] = (),
+                   pipeline: str | None = None) -> Target:
+    resolved = target if isinstance(target, Target) else load_target(target)
+    if pipeline:
+        resolved = resolved.with_pipeline(pipeline)
+    return resolved.with_overrides(tuple(overrides)) if overrides else resolved
+
+
+def default_output(source: ModelSource, target: Target) -> Path:
+    return Path("out") / f"{source.name}-{target.name}"
+
+
+def graph_summary(files: ModelFiles) -> dict[str, Any]:
+    import onnx
+
+    from optpipe.passes.fuse import op_counts
+    from optpipe.passes.quantize import INTEGER_OPS
+
+    summary = {}
+    for component in files.components:
+        model = onnx.load(str(files.path / component), load_external_data=False)
+        ops = op_counts(model)
+        fp16 = sum(1 for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT16)
+        summary[component] = {
+            "nodes": sum(ops.values()),
+            "fused_ops": {k: v for k, v in ops.items() if k in FUSED_OPS},
+            "integer_ops": {k: v for k, v in ops.items() if k in INTEGER_OPS},
+            "float16_initializers": fp16,
+            "ops": ops,
+        }
+    return summary
+
+
+def build_manifest(source: ModelSource, target: Target, result: PipelineResult, staged: ModelFiles,
+                   validation: ValidationResult, source_bytes: int) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "optpipe_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": source.to_json(),
+        "target": target.to_json(),
+        "pipeline": target.pipeline,
+        "passes": [record.__dict__ for record in result.steps],
+        "components": list(staged.components),
+        "graph": graph_summary(staged),
+        "size": {"source_bytes": source_bytes, "onnx_bytes": staged.onnx_bytes()},
+        "validation": validation.to_json(),
+        "versions": {"python": platform.python_version(), **_package_versions()},
+    }
+
+
+def optimize(
+    model: str | Path | None = None,
+    target: str | Path | Target = "cpu-int8",
+    output: str | Path | None = None,
+    *,
+    task: str | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    pipeline: str | None = None,
+    overwrite: bool = False,
+    use_cache: bool = True,
+    calibration: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Artifact:
+    """Compile `model` (hub id, local dir, or None for the bundled MiniLM) for `target`; returns the Artifact.
+
+    Nothing is written at `output` unless the artifact passed validation.
+    """
+    say = progress or log.info
+    resolved_target = resolve_target(target, overrides, pipeline)
+    from optpipe.passes import PASSES
+
+    steps = Pipeline(resolved_target.passes, PASSES)  # checks options and order before any work
+    source = resolve_source(str(model) if model is not None else None, task)
+    dest = Path(output) if output is not None else default_output(source, resolved_target)
+    dest = dest.expanduser().resolve()
+    prepare_destination(dest, overwrite)
+    calibration_path = _check_calibration(calibration)
+
+    say(f"optpipe {__version__}: {source.model_id} ({source.model_type}, {source.task}) -> "
+        f"{resolved_target.name} [{resolved_target.pipeline}]")
+    staging = staging_dir(dest)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.work-", dir=dest.parent))
+    try:
+        result = steps.run(source, resolved_target, workdir, say, use_cache=use_cache, calibration=calibration_path)
+        shutil.copytree(result.files.path, staging, dirs_exist_ok=True)
+        staged = ModelFiles(staging, "onnx", result.files.components)
+        say("validating against the PyTorch model ...")
+        validation = validate(source, staged, resolved_target)
+        if not validation.passed:
+            raise ValidationFailedError(
+                f"validation failed for {resolved_target.name}: {'; '.join(validation.failures)} "
+                f"(metrics: {_fmt(validation.metrics)}); nothing was published"
+            )
+        source_bytes = sum(p.stat().st_size for p in source.path.rglob("*") if p.is_file()
+                           and p.suffix in (".safetensors", ".bin"))
+        manifest = build_manifest(source, resolved_target, result, staged, validation, source_bytes)
+        artifact = publish(staging, dest, manifest, overwrite)
+        say(f"published {dest}")
+        return artifact
+    except OSError as exc:
+        raise OutputError(f"cannot write the artifact: {exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _check_calibration(calibration: str | Path | None) -> Path | None:
+    if calibration is None:
+        return None
+    from optpipe.errors import CalibrationDataError
+
+    path = Path(calibration).expanduser()
+    if not path.is_file():
+        raise CalibrationDataError(f"calibration file {calibration} does not exist")
+    return path.resolve()
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())

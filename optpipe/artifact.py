@@ -1,0 +1,125 @@
+"""Artifact: the published directory (ONNX components, copied model files, manifest.json); atomic publish."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optpipe.errors import ArtifactError, OutputError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_table(directory: Path) -> dict[str, dict[str, Any]]:
+    return {
+        p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A published optpipe artifact: `path`, its `manifest`, and shortcuts into it."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Artifact":
+        path = Path(path)
+        manifest_file = path / MANIFEST
+        if not manifest_file.is_file():
+            raise ArtifactError(f"{path} is not an optpipe artifact (no {MANIFEST})")
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{manifest_file} is unreadable or corrupt: {exc}") from exc
+        if "components" not in manifest or "target" not in manifest:
+            raise ArtifactError(f"{manifest_file} is not an optpipe manifest")
+        return cls(path, manifest)
+
+    @property
+    def components(self) -> list[Path]:
+        return [self.path / c for c in self.manifest["components"]]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.manifest.get("validation", {}).get("metrics", {})
+
+    @property
+    def target(self):
+        """The target as it was run (overrides applied), rebuilt from the manifest."""
+        from optpipe.targets import Target, _from_toml
+
+        data = dict(self.manifest["target"])
+        target = _from_toml(data, str(self.path / MANIFEST))
+        return Target(**{**target.__dict__, "overrides": tuple(data.get("overrides", ()))})
+
+    def verify(self) -> list[str]:
+        """Files whose sha256 or size no longer match the manifest (empty when intact)."""
+        problems = []
+        for name, facts in self.manifest.get("files", {}).items():
+            file = self.path / name
+            if not file.is_file():
+                problems.append(f"{name}: missing")
+            elif file.stat().st_size != facts["bytes"] or sha256_file(file) != facts["sha256"]:
+                problems.append(f"{name}: changed since publishing")
+        return problems
+
+
+def prepare_destination(dest: Path, overwrite: bool) -> None:
+    """Fail early, before any work, if the destination cannot be published to."""
+    if dest.exists() and not overwrite:
+        raise OutputError(f"output directory {dest} already exists; pass --overwrite to replace it")
+    if dest.exists() and not dest.is_dir():
+        raise OutputError(f"output path {dest} exists and is not a directory")
+    parent = dest.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {parent}: {exc.strerror}") from exc
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output directory {parent} is not writable")
+
+
+def staging_dir(dest: Path) -> Path:
+    """A temporary directory beside the destination, so the final rename stays on one filesystem."""
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+
+
+def publish(staging: Path, dest: Path, manifest: dict[str, Any], overwrite: bool) -> Artifact:
+    """Write the manifest into `staging` and rename it onto `dest`; `dest` is never half-written."""
+    try:
+        manifest = {**manifest, "files": file_table(staging)}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if dest.exists():
+            if not overwrite:
+                raise OutputError(f"output directory {dest} already exists; pass --overwrite to replace it")
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            staging.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(dest)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while publishing to {dest}; free space and run again") from exc
+        raise OutputError(f"cannot publish to {dest}: {exc.strerror or exc}") from exc
+    return Artifact(dest, manifest)

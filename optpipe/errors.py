@@ -1,0 +1,57 @@
+"""Errors a user can act on. The CLI prints their message on one line and exits with `exit_code`."""
+
+from __future__ import annotations
+
+
+class OptpipeError(Exception):
+    """Base class: something the user can fix (bad input, missing provider, failed validation)."""
+
+    exit_code = 1
+
+
+class UnknownTargetError(OptpipeError):
+    pass
+
+
+class ModelNotFoundError(OptpipeError):
+    pass
+
+
+class UnsupportedModelError(OptpipeError):
+    pass
+
+
+class InvalidOptionError(OptpipeError):
+    """A bad pass option, pipeline string or `--set` override."""
+
+
+class PipelineOrderError(OptpipeError):
+    pass
+
+
+class OutputError(OptpipeError):
+    """The destination exists (without --overwrite), is not writable, or the disk is full."""
+
+
+class PassFailedError(OptpipeError):
+    pass
+
+
+class ValidationFailedError(OptpipeError):
+    exit_code = 3
+
+
+class ProviderUnavailableError(OptpipeError):
+    exit_code = 2
+
+
+class CalibrationDataError(OptpipeError):
+    pass
+
+
+class ArtifactError(OptpipeError):
+    """A published artifact is missing, corrupt, or not an optpipe artifact."""
+
+
+class Interrupted(OptpipeError):
+    exit_code = 130

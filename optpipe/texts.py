@@ -1,0 +1,18 @@
+"""Built-in text sets written for this project: validation texts and (distinct) calibration texts."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+
+def _lines(name: str) -> tuple[str, ...]:
+    text = resources.files("optpipe").joinpath("data", name).read_text(encoding="utf-8")
+    return tuple(line for line in text.splitlines() if line.strip())
+
+
+def validation_texts() -> tuple[str, ...]:
+    return _lines("validation.txt")
+
+
+def calibration_texts() -> tuple[str, ...]:
+    return _lines("calibration.txt")

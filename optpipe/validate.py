@@ -1,0 +1,139 @@
+"""Fidelity of an ONNX artifact against the original PyTorch model, per task, on built-in varied texts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from optpipe.errors import UnsupportedModelError
+from optpipe.pipeline import ModelFiles
+from optpipe.session import create_session, provider_works
+from optpipe.source import ModelSource
+from optpipe.texts import validation_texts
+
+log = logging.getLogger("optpipe.validate")
+
+BATCH = 8
+MAX_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    task: str
+    metrics: dict[str, float]
+    thresholds: dict[str, float]
+    failures: tuple[str, ...] = ()
+    deferred: str | None = None
+    provider: str = "CPUExecutionProvider"
+    texts: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task": self.task, "metrics": self.metrics, "thresholds": self.thresholds,
+                "passed": self.passed, "failures": list(self.failures), "deferred": self.deferred,
+                "provider": self.provider, "texts": self.texts}
+
+
+@dataclass(frozen=True)
+class Runner:
+    """What a per-task validator gets: the reference model dir, the ONNX files and a session factory."""
+
+    source: ModelSource
+    files: ModelFiles
+    session: Callable[[Path], Any]
+    texts: tuple[str, ...]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _batches(texts: tuple[str, ...], size: int = BATCH):
+    for start in range(0, len(texts), size):
+        yield list(texts[start:start + size])
+
+
+def _feed(session, encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    feed = {}
+    for spec in session.get_inputs():
+        if spec.name in encoded:
+            feed[spec.name] = encoded[spec.name].astype(np.int64)
+        elif spec.name == "token_type_ids":
+            feed[spec.name] = np.zeros_like(encoded["input_ids"], dtype=np.int64)
+        else:
+            raise UnsupportedModelError(f"validation cannot feed the graph input {spec.name!r}")
+    return feed
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+
+
+def feature_extraction(run: Runner) -> dict[str, float]:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run.source.path)
+    model = AutoModel.from_pretrained(run.source.path).eval()
+    session = run.session(run.files.path / run.files.components[0])
+    cosines, max_diff = [], 0.0
+    for batch in _batches(run.texts):
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
+        with torch.no_grad():
+            ref = model(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state.numpy()
+        out = session.run(None, _feed(session, enc))[0]
+        mask = enc["attention_mask"][..., None].astype(np.float32)
+        pooled_ref = (ref * mask).sum(1) / mask.sum(1)
+        pooled_out = (out * mask).sum(1) / mask.sum(1)
+        cosines.extend(_cosine(pooled_ref, pooled_out).tolist())
+        max_diff = max(max_diff, float(np.abs((ref - out) * mask).max()))
+    return {"mean_cosine": float(np.mean(cosines)), "min_cosine": float(np.min(cosines)), "max_abs_diff": max_diff}
+
+
+VALIDATORS: dict[str, Callable[[Runner], dict[str, float]]] = {
+    "feature-extraction": feature_extraction,
+}
+
+
+def check_thresholds(metrics: dict[str, float], thresholds: dict[str, float]) -> tuple[str, ...]:
+    """Keys named max_* are ceilings; every other threshold is a floor. Thresholds for absent metrics are skipped."""
+    failures = []
+    for key, limit in thresholds.items():
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        if key.startswith("max_") and value > limit:
+            failures.append(f"{key} {value:.4g} > {limit}")
+        elif not key.startswith("max_") and value < limit:
+            failures.append(f"{key} {value:.4f} < {limit}")
+    return tuple(failures)
+
+
+def validate(source: ModelSource, files: ModelFiles, target, texts: tuple[str, ...] | None = None) -> ValidationResult:
+    """Compare the artifact with the PyTorch model on the target's provider (CPU checks when it is missing)."""
+    validator = VALIDATORS.get(source.task)
+    if validator is None:
+        raise UnsupportedModelError(f"no validation for task {source.task!r} yet "
+                                    f"(supported: {', '.join(sorted(VALIDATORS))})")
+    deferred = None
+    provider = target.provider
+    if not provider_works(provider):
+        deferred = f"{provider} not available"
+        provider = "CPUExecutionProvider"
+
+    def make_session(path: Path):
+        if provider == target.provider:
+            return create_session(path, provider, target.provider_options, target.fallback_providers,
+                                  extra_options=target.session_options, artifact_dir=files.path)
+        return create_session(path)
+
+    texts = texts or validation_texts()
+    metrics = validator(Runner(source, files, make_session, texts))
+    relevant = {k: v for k, v in target.validate.items() if k in metrics}
+    failures = () if deferred else check_thresholds(metrics, relevant)
+    return ValidationResult(source.task, {k: round(v, 6) for k, v in metrics.items()}, relevant, failures,
+                            deferred, provider, len(texts))

@@ -1,0 +1,9 @@
+"""The passes, by name. Each module holds one transformation; import them as optpipe.passes.NAME."""
+
+from __future__ import annotations
+
+from optpipe.passes.export import ExportPass
+from optpipe.passes.fuse import FusePass
+from optpipe.passes.quantize import QuantizePass
+
+PASSES: dict[str, type] = {cls.name: cls for cls in (ExportPass, FusePass, QuantizePass)}

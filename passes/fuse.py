@@ -1,0 +1,115 @@
+"""fuse: transformer graph fusions (attention, LayerNorm, GELU, embeddings) with ONNX Runtime's optimizer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from optpipe.errors import InvalidOptionError
+from optpipe.pipeline import ModelFiles, PassContext, PassResult, copy_aux_files
+
+log = logging.getLogger("optpipe.fuse")
+
+# Hugging Face model_type -> onnxruntime.transformers optimizer model_type. Encoders that share BERT's
+# layer structure use the BERT fusions.
+OPTIMIZER_MODEL_TYPE = {
+    "bert": "bert",
+    "distilbert": "bert",
+    "roberta": "bert",
+    "xlm-roberta": "bert",
+    "camembert": "bert",
+    "electra": "bert",
+    "mpnet": "bert",
+    "albert": "bert",
+    "gpt2": "gpt2",
+    "gpt_neox": "gpt_neox",
+    "t5": "t5",
+    "mt5": "t5",
+    "bart": "bart",
+    "mbart": "bart",
+    "phi": "phi",
+    "qwen3": "qwen3",
+    "vit": "vit",
+    "clip": "clip",
+    "swin": "swin",
+}
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    flavor: str = "cpu"  # "cpu" or "gpu": GPU fusions may use ops that only CUDA implements
+    opt_level: int = 0  # 0 = fusions only, leaving a portable graph; 1/2 add ORT's own rewrites
+    model_type: str | None = None  # override the optimizer model_type
+
+    def check(self) -> None:
+        if self.flavor not in ("cpu", "gpu"):
+            raise InvalidOptionError(f"fuse.flavor must be 'cpu' or 'gpu', not {self.flavor!r}")
+        if self.opt_level not in (0, 1, 2):
+            raise InvalidOptionError(f"fuse.opt_level must be 0, 1 or 2 (99 is hardware-specific), not {self.opt_level}")
+
+
+def op_counts(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+class FusePass:
+    name = "fuse"
+    consumes = "onnx"
+    produces = "onnx"
+    Config = FuseConfig
+    target_dependent = False
+
+    def run(self, files: ModelFiles, config: FuseConfig, ctx: PassContext) -> PassResult:
+        import onnx
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        hf_type = ctx.source.model_type
+        opt_type = config.model_type or OPTIMIZER_MODEL_TYPE.get(hf_type)
+        report: dict = {"model_type": opt_type or "none", "flavor": config.flavor, "components": {}}
+        if opt_type is None:
+            report["note"] = (f"no transformer optimizer for model_type {hf_type!r}: fell back to "
+                              "ONNX Runtime's generic graph optimizations (constant folding, basic fusions)")
+        for component in files.components:
+            ctx.progress(f"  fusing {component} ({opt_type or 'generic'})")
+            before = op_counts(onnx.load(str(files.path / component), load_external_data=False))
+            optimized = optimize_model(
+                str(files.path / component),
+                model_type=opt_type or "bert",
+                opt_level=config.opt_level if opt_type else 1,
+                use_gpu=config.flavor == "gpu",
+                only_onnxruntime=opt_type is None,
+            )
+            fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+            optimized.save_model_to_file(str(ctx.out_dir / component), use_external_data_format=_is_large(optimized))
+            after = op_counts(optimized.model)
+            report["components"][component] = {
+                "fused": fused,
+                "nodes_before": sum(before.values()),
+                "nodes_after": sum(after.values()),
+                "not_fused": _missed(before, fused, opt_type),
+            }
+        copy_aux_files(files.path, ctx.out_dir)
+        return PassResult(ModelFiles(ctx.out_dir, "onnx", files.components), report)
+
+
+def _is_large(optimized) -> bool:
+    return optimized.model.ByteSize() > 1_800_000_000
+
+
+def _missed(before: dict[str, int], fused: dict[str, int], opt_type: str | None) -> list[str]:
+    """Say why an expected fusion did not happen, not only what did."""
+    if opt_type is None:
+        return ["transformer fusions: no optimizer for this model type"]
+    reasons = []
+    has_softmax = before.get("Softmax", 0) > 0
+    if has_softmax and not any(k in fused for k in ("Attention", "MultiHeadAttention", "GroupQueryAttention")):
+        reasons.append("attention: the Softmax subgraph did not match any attention pattern of the "
+                       f"{opt_type} optimizer")
+    if before.get("LayerNormalization", 0) + before.get("ReduceMean", 0) and not any(
+        "LayerNormalization" in k for k in fused
+    ):
+        reasons.append("layernorm: no LayerNormalization pattern matched")
+    return reasons

@@ -1,0 +1,118 @@
+"""Targets: one TOML recipe per hardware target. Load by name (bundled) or by path (your own)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from optpipe.errors import InvalidOptionError, UnknownTargetError
+from optpipe.recipe import PassSpec, format_pipeline, parse_pipeline, parse_value
+
+
+@dataclass(frozen=True)
+class Target:
+    """A recipe: passes with options, the execution provider and its settings, and validation thresholds."""
+
+    name: str
+    description: str
+    passes: tuple[PassSpec, ...]
+    provider: str = "CPUExecutionProvider"
+    provider_options: dict[str, Any] = field(default_factory=dict)
+    fallback_providers: tuple[str, ...] = ()
+    session_options: dict[str, Any] = field(default_factory=dict)
+    validate: dict[str, Any] = field(default_factory=dict)
+    harness: dict[str, Any] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def pipeline(self) -> str:
+        return format_pipeline(self.passes)
+
+    def pass_spec(self, name: str) -> PassSpec | None:
+        return next((spec for spec in self.passes if spec.name == name), None)
+
+    def with_pipeline(self, text: str) -> "Target":
+        return replace(self, passes=tuple(parse_pipeline(text)), overrides=(*self.overrides, f"pipeline={text}"))
+
+    def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> "Target":
+        """Apply `section.key=value` overrides: a pass name, `validate`, `provider_options` or `harness`."""
+        target = self
+        for assignment in assignments:
+            dotted, eq, raw = assignment.partition("=")
+            section, dot, key = dotted.strip().partition(".")
+            if not eq or not dot or not key:
+                raise InvalidOptionError(f"--set {assignment!r}: expected SECTION.KEY=VALUE, e.g. quantize.per_channel=false")
+            value = parse_value(raw)
+            if section in ("validate", "provider_options", "harness", "session_options"):
+                target = replace(target, **{section: {**getattr(target, section), key: value}})
+            elif target.pass_spec(section) is not None:
+                passes = tuple(s.with_option(key, value) if s.name == section else s for s in target.passes)
+                target = replace(target, passes=passes)
+            else:
+                known = ", ".join([s.name for s in target.passes] + ["validate", "provider_options", "harness"])
+                raise InvalidOptionError(f"--set {assignment!r}: target {target.name} has no {section!r} (known: {known})")
+            target = replace(target, overrides=(*target.overrides, assignment))
+        return target
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "pipeline": self.pipeline,
+            "passes": [{"name": s.name, "options": s.options} for s in self.passes],
+            "provider": self.provider,
+            "provider_options": self.provider_options,
+            "fallback_providers": list(self.fallback_providers),
+            "session_options": self.session_options,
+            "validate": self.validate,
+            "harness": self.harness,
+            "overrides": list(self.overrides),
+        }
+
+
+def _from_toml(data: dict, origin: str) -> Target:
+    try:
+        passes = tuple(
+            PassSpec(p["name"], {k: v for k, v in p.items() if k != "name"}) for p in data.get("passes", [])
+        )
+        return Target(
+            name=data["name"],
+            description=data.get("description", ""),
+            passes=passes,
+            provider=data.get("provider", "CPUExecutionProvider"),
+            provider_options=dict(data.get("provider_options", {})),
+            fallback_providers=tuple(data.get("fallback_providers", ())),
+            session_options=dict(data.get("session_options", {})),
+            validate=dict(data.get("validate", {})),
+            harness=dict(data.get("harness", {})),
+        )
+    except (KeyError, TypeError) as exc:
+        raise InvalidOptionError(f"target file {origin} is malformed: missing or wrong {exc}") from exc
+
+
+def _bundled_files() -> dict[str, Any]:
+    return {f.name[: -len(".toml")]: f for f in resources.files(__name__).iterdir() if f.name.endswith(".toml")}
+
+
+def list_targets() -> list[Target]:
+    return [load_target(name) for name in sorted(_bundled_files())]
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    """A bundled target by name (`cpu-int8`) or a TOML file of your own."""
+    text = str(name_or_path)
+    bundled = _bundled_files()
+    if text in bundled:
+        return _from_toml(tomllib.loads(bundled[text].read_text()), text)
+    path = Path(text).expanduser()
+    if text.endswith(".toml") or path.is_file():
+        if not path.is_file():
+            raise UnknownTargetError(f"target file {text} does not exist")
+        try:
+            return _from_toml(tomllib.loads(path.read_text()), text)
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidOptionError(f"target file {text} is not valid TOML: {exc}") from exc
+    raise UnknownTargetError(f"unknown target {text!r}; known targets: {', '.join(sorted(bundled))} (or a path to a .toml)")
