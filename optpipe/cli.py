@@ -7,19 +7,9 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 from optpipe.errors import OptpipeError
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
-
-def command(name: str):
-    def register(fn):
-        COMMANDS[name] = fn
-        return fn
-    return register
-
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -64,7 +54,6 @@ def print_summary(artifact) -> None:
     print(f"artifact: {artifact.path}")
 
 
-@command("run")
 def cmd_run(args: argparse.Namespace) -> int:
     from optpipe import optimize
 
@@ -75,7 +64,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("targets")
 def cmd_targets(args: argparse.Namespace) -> int:
     from optpipe import list_targets
 
@@ -85,7 +73,6 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("cache")
 def cmd_cache(args: argparse.Namespace) -> int:
     from optpipe.pipeline import cache_root, clear_cache
 
@@ -102,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="compile a model for a target into a validated ONNX artifact")
+    run.set_defaults(handler=cmd_run)
     run.add_argument("model", nargs="?", default=None,
                      help="hub id or local directory (default: the bundled all-MiniLM-L6-v2)")
     run.add_argument("--target", "-t", default="cpu-int8", help="target name or path to a .toml (default cpu-int8)")
@@ -114,17 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     run.add_argument("--no-cache", action="store_true", help="do not reuse or store pass outputs")
 
-    sub.add_parser("targets", help="list the targets and their recipes")
+    sub.add_parser("targets", help="list the targets and their recipes").set_defaults(handler=cmd_targets)
     cache = sub.add_parser("cache", help="show or clear the pass cache")
+    cache.set_defaults(handler=cmd_cache)
     cache.add_argument("action", choices=["dir", "clear"], nargs="?", default="dir")
 
-    for extend in _EXTENSIONS:
-        extend(sub)
+    # Larger command groups live in their own modules; each adds its subparsers with set_defaults(handler=...).
     return parser
-
-
-# Subcommand modules register parsers here (harness, tune): see optpipe/cli_*.py.
-_EXTENSIONS: list[Callable[[Any], None]] = []
 
 
 def _quiet_libraries() -> None:
@@ -149,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         _quiet_libraries()
     try:
-        return COMMANDS[args.command](args)
+        return args.handler(args)
     except OptpipeError as exc:
         if args.debug:
             raise

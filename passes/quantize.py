@@ -34,6 +34,13 @@ class QuantizeConfig:
     op_types: tuple[str, ...] = ()  # empty: every op type onnxruntime can quantize
     keep_float: tuple[str, ...] = ()  # roles from KEEP_FLOAT_ROLES
     exclude_nodes: tuple[str, ...] = ()  # node names or regular expressions kept in float
+    # static mode only (see passes/quantize_static.py)
+    quant_format: str = "qdq"  # "qdq" (TensorRT, most accelerators) or "qoperator"
+    calibrate_method: str = "minmax"  # "minmax", "percentile" or "entropy"
+    percentile: float = 99.999
+    activation_symmetric: bool = False  # TensorRT wants symmetric activations
+    weight_symmetric: bool = True
+    calibration_samples: int = 0  # 0: every calibration text
 
     def check(self) -> None:
         if self.mode not in ("dynamic", "static"):
