@@ -62,7 +62,7 @@ class Target:
             "name": self.name,
             "description": self.description,
             "pipeline": self.pipeline,
-            "passes": [{"name": s.name, "options": s.options} for s in self.passes],
+            "passes": [{"name": s.name, **s.options} for s in self.passes],
             "provider": self.provider,
             "provider_options": self.provider_options,
             "fallback_providers": list(self.fallback_providers),

@@ -1,0 +1,80 @@
+"""The bundled all-MiniLM-L6-v2 end to end through the Python API (built once per session)."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from optpipe import Artifact, optimize
+from optpipe.errors import OutputError, ValidationFailedError
+
+
+def test_cpu_int8_meets_fidelity_and_is_fused_and_quantized(bundled_int8):
+    m = bundled_int8.manifest
+    assert m["validation"]["passed"] and m["validation"]["metrics"]["mean_cosine"] >= 0.99
+    assert m["validation"]["thresholds"]["mean_cosine"] == 0.99
+    graph = m["graph"]["model.onnx"]
+    assert graph["fused_ops"].get("SkipLayerNormalization", 0) == 12
+    assert graph["fused_ops"].get("QAttention", 0) + graph["fused_ops"].get("Attention", 0) == 6
+    assert graph["integer_ops"].get("MatMulInteger", 0) > 0
+    # the manifest's claim matches the file on disk
+    ops = {n.op_type for n in onnx.load(str(bundled_int8.path / "model.onnx")).graph.node}
+    assert {"SkipLayerNormalization", "QAttention", "MatMulInteger"} <= ops
+    assert m["size"]["onnx_bytes"] < m["size"]["source_bytes"] / 2
+
+
+def test_manifest_records_source_target_passes_versions_and_files(bundled_int8):
+    m = bundled_int8.manifest
+    assert m["source"]["id"] == "sentence-transformers/all-MiniLM-L6-v2" and len(m["source"]["content_sha256"]) == 64
+    assert m["target"]["name"] == "cpu-int8" and m["pipeline"] == m["target"]["pipeline"]
+    assert [p["name"] for p in m["passes"]] == ["export", "fuse", "quantize"]
+    assert all(p["seconds"] >= 0 and "report" in p for p in m["passes"])
+    quant = m["passes"][2]["report"]["components"]["model.onnx"]
+    assert len(quant["kept_float"]) == 6 and all("FFN" in why for why in quant["kept_float"].values())
+    assert {"torch", "transformers", "optimum", "onnx", "onnxruntime"} <= set(m["versions"])
+    assert {"model.onnx", "config.json", "tokenizer.json"} <= set(m["files"])
+    assert bundled_int8.verify() == []
+
+
+def test_artifact_loads_with_optimum_and_plain_onnxruntime(bundled_int8):
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_int8.path)
+    model = ORTModelForFeatureExtraction.from_pretrained(bundled_int8.path)
+    enc = tokenizer(["a test sentence", "another one"], padding=True, return_tensors="pt")
+    hidden = model(**enc).last_hidden_state
+    assert tuple(hidden.shape[:2]) == tuple(enc["input_ids"].shape) and hidden.shape[2] == 384
+    session = ort.InferenceSession(str(bundled_int8.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {i.name: enc[i.name].numpy() for i in session.get_inputs()}
+    plain = session.run(None, feed)[0]
+    assert np.allclose(plain, hidden.numpy(), atol=1e-4)
+
+
+def test_artifact_load_round_trip(bundled_int8):
+    again = Artifact.load(bundled_int8.path)
+    assert again.manifest == bundled_int8.manifest
+    assert again.target.pipeline == bundled_int8.manifest["target"]["pipeline"]
+
+
+def test_existing_output_is_refused_then_overwritten(bundled_int8, tiny_bert_dir):
+    before = (bundled_int8.path / "manifest.json").read_text()
+    with pytest.raises(OutputError, match="--overwrite"):
+        optimize(str(tiny_bert_dir), "cpu-int8", bundled_int8.path)
+    assert (bundled_int8.path / "manifest.json").read_text() == before
+
+
+def test_overwrite_replaces(tiny_bert_dir, tmp_path):
+    out = tmp_path / "art"
+    optimize(str(tiny_bert_dir), "cpu-fp32", out)
+    art = optimize(str(tiny_bert_dir), "cpu-int8", out, overwrite=True)
+    assert Artifact.load(out).manifest["target"]["name"] == "cpu-int8" == art.manifest["target"]["name"]
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no staging or backup left behind
+
+
+def test_failed_validation_publishes_nothing(tiny_bert_dir, tmp_path):
+    out = tmp_path / "strict"
+    # No INT8 model matches PyTorch bit for bit: a cosine floor of 1.0 with max_abs_diff 0 cannot pass.
+    with pytest.raises(ValidationFailedError, match="max_abs_diff"):
+        optimize(str(tiny_bert_dir), "cpu-int8", out, overrides=["validate.max_abs_diff=0.0"])
+    assert list(tmp_path.iterdir()) == []

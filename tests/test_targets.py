@@ -1,0 +1,47 @@
+import pytest
+
+from optpipe.errors import InvalidOptionError, UnknownTargetError
+from optpipe.targets import list_targets, load_target
+
+
+def test_bundled_targets_load_and_have_recipes():
+    names = {t.name for t in list_targets()}
+    assert {"cpu-fp32", "cpu-int8"} <= names
+    int8 = load_target("cpu-int8")
+    assert [s.name for s in int8.passes] == ["export", "fuse", "quantize"]
+    assert int8.validate["mean_cosine"] >= 0.99
+    assert int8.pipeline.startswith("export,fuse")
+
+
+def test_unknown_target_lists_known_ones():
+    with pytest.raises(UnknownTargetError) as err:
+        load_target("cpu-int3")
+    assert "cpu-int8" in str(err.value) and "cpu-fp32" in str(err.value)
+
+
+def test_target_from_user_toml(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\ndescription = "d"\n[[passes]]\nname = "export"\n[validate]\nmean_cosine = 0.5\n')
+    target = load_target(str(path))
+    assert target.name == "mine" and target.pipeline == "export"
+
+
+def test_malformed_toml_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("name = [unclosed\n")
+    with pytest.raises(InvalidOptionError, match="not valid TOML"):
+        load_target(str(path))
+
+
+def test_overrides_are_applied_and_recorded():
+    target = load_target("cpu-int8").with_overrides(["quantize.per_channel=false", "validate.mean_cosine=0.95"])
+    assert target.pass_spec("quantize").options["per_channel"] is False
+    assert target.validate["mean_cosine"] == 0.95
+    assert target.overrides == ("quantize.per_channel=false", "validate.mean_cosine=0.95")
+    assert "per_channel=false" in target.pipeline
+
+
+@pytest.mark.parametrize("bad", ["quantize.per_channel", "nosuchpass.x=1", "per_channel=false"])
+def test_bad_overrides(bad):
+    with pytest.raises(InvalidOptionError):
+        load_target("cpu-int8").with_overrides([bad])
