@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from optpipe.passes.export import ExportPass
+from optpipe.passes.fp16 import Fp16Pass
 from optpipe.passes.fuse import FusePass
 from optpipe.passes.quantize import QuantizePass
 
-PASSES: dict[str, type] = {cls.name: cls for cls in (ExportPass, FusePass, QuantizePass)}
+PASSES: dict[str, type] = {cls.name: cls for cls in (ExportPass, FusePass, QuantizePass, Fp16Pass)}
