@@ -11,12 +11,48 @@ from optpipe.errors import ArtifactError, ProviderUnavailableError
 
 log = logging.getLogger("optpipe.session")
 
+GPU_INSTALL = "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu[cuda,cudnn]'"
 INSTALL_HINT = {
-    "CUDAExecutionProvider": "install the GPU build: pip uninstall -y onnxruntime && pip install onnxruntime-gpu "
-                             "(needs an NVIDIA GPU with CUDA 12 and cuDNN 9)",
-    "TensorrtExecutionProvider": "install onnxruntime-gpu and TensorRT (pip install tensorrt) on a machine with an "
-                                 "NVIDIA GPU",
+    "CUDAExecutionProvider": f"install the GPU build: {GPU_INSTALL} (needs an NVIDIA GPU and driver; the extras "
+                             "bring the CUDA and cuDNN libraries that build was made for)",
+    "TensorrtExecutionProvider": f"install the GPU build and TensorRT 10: {GPU_INSTALL} 'tensorrt-cu13>=10,<11' "
+                                 "(tensorrt-cu12 for an onnxruntime-gpu built on CUDA 12; see bench/gpu_check.sh)",
 }
+NEEDS = {"TensorrtExecutionProvider": "CUDAExecutionProvider"}  # TensorRT EP runs on top of CUDA's libraries
+
+
+def _installed(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def provider_problem(provider: str) -> str | None:
+    """None when a session on `provider` starts here; otherwise one line saying why not and what to install."""
+    import onnxruntime as ort
+
+    if provider_works(provider):
+        return None
+    hint = INSTALL_HINT.get(provider, "install an onnxruntime build that includes it")
+    cpu, gpu = _installed("onnxruntime"), _installed("onnxruntime-gpu")
+    if cpu and gpu:
+        # Both wheels unpack into the same onnxruntime/ folder; whichever was installed last half-wins.
+        return (f"{provider} is not available: onnxruntime {cpu} and onnxruntime-gpu {gpu} are both installed and "
+                "overwrite each other's files; run pip uninstall -y onnxruntime onnxruntime-gpu && "
+                "pip install 'onnxruntime-gpu[cuda,cudnn]'")
+    if provider not in ort.get_available_providers():
+        build = f"onnxruntime-gpu {gpu}" if gpu else f"the CPU build of onnxruntime {cpu or ort.__version__}"
+        return f"{provider} is not available on this machine ({build} is installed): {hint}"
+    needed = NEEDS.get(provider)
+    if needed and not provider_works(needed):
+        return (f"{provider} is not available on this machine: it needs {needed}, which did not start "
+                "(no NVIDIA GPU or driver, or CUDA 12/cuDNN 9 libraries missing): "
+                + INSTALL_HINT["CUDAExecutionProvider"])
+    return (f"{provider} is listed by onnxruntime {ort.__version__} but a session on it did not start "
+            "(its GPU libraries failed to load or there is no GPU): " + hint)
 
 
 def _probe_model() -> bytes:
@@ -32,6 +68,40 @@ def _probe_model() -> bytes:
 
 
 @functools.lru_cache(maxsize=None)
+def _load_gpu_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels and TensorRT from tensorrt_libs, so no LD_LIBRARY_PATH is needed.
+
+    onnxruntime's providers find their libraries by soname; a library already loaded with RTLD_GLOBAL counts.
+    """
+    import contextlib
+    import ctypes
+    import importlib.util
+    import io
+
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        chatter = io.StringIO()  # preload_dlls prints its warnings; keep them in the debug log instead
+        try:
+            with contextlib.redirect_stdout(chatter):
+                ort.preload_dlls(directory="")
+        except Exception as exc:  # a partial CUDA install: the probe session below reports the outcome
+            log.debug("preload_dlls failed: %s", exc)
+        if chatter.getvalue().strip():
+            log.debug("preload_dlls: %s", chatter.getvalue().strip())
+    spec = importlib.util.find_spec("tensorrt_libs")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    libs = Path(next(iter(spec.submodule_search_locations)))
+    for pattern in ("libnvinfer.so.*", "libnvinfer_plugin.so.*", "libnvonnxparser.so.*"):
+        for lib in sorted(libs.glob(pattern))[:1]:
+            try:
+                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+            except OSError as exc:
+                log.debug("could not load %s: %s", lib, exc)
+
+
+@functools.lru_cache(maxsize=None)
 def provider_works(provider: str) -> bool:
     """True when a session on `provider` really starts: listed providers can still fail to load their libraries."""
     import onnxruntime as ort
@@ -40,6 +110,7 @@ def provider_works(provider: str) -> bool:
         return False
     if provider == "CPUExecutionProvider":
         return True
+    _load_gpu_libraries()
     try:
         session = ort.InferenceSession(_probe_model(), providers=[provider])
     except Exception as exc:  # the provider's shared libraries (CUDA, cuDNN, TensorRT) failed to load
@@ -49,9 +120,10 @@ def provider_works(provider: str) -> bool:
 
 
 def require_provider(provider: str) -> None:
-    if not provider_works(provider):
-        hint = INSTALL_HINT.get(provider, "install an onnxruntime build that includes it")
-        raise ProviderUnavailableError(f"{provider} is not available on this machine: {hint}")
+    """Raise ProviderUnavailableError (exit code 2) with a one-line install hint when `provider` cannot start."""
+    problem = provider_problem(provider)
+    if problem:
+        raise ProviderUnavailableError(problem)
 
 
 def session_options(threads: int | None = None, spinning: bool = True, extra: dict[str, Any] | None = None):
@@ -88,6 +160,48 @@ def resolve_provider_options(options: dict[str, Any], artifact_dir: Path | None)
     return resolved
 
 
+PROFILE_KEYS = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
+
+
+def expand_profile_shapes(options: dict[str, Any], model_path: Path | str) -> dict[str, Any]:
+    """TensorRT profiles must name every dynamic input; `*:8x128` stands for each dynamic input of rank 2.
+
+    Targets are written once for many models (with or without token_type_ids), so they use `*`; explicit
+    `name:dims` entries win over the wildcard.
+    """
+    if not any("*" in str(options.get(key, "")) for key in PROFILE_KEYS):
+        return options
+    import onnx
+
+    from optpipe.errors import InvalidOptionError
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    dynamic = [(v.name, len(v.type.tensor_type.shape.dim)) for v in graph.input if v.name not in initializers
+               and any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)]
+    expanded = dict(options)
+    for key in PROFILE_KEYS:
+        text = str(options.get(key, ""))
+        if "*" not in text:
+            continue
+        entries: dict[str, str] = {}
+        wildcard: list[str] = []
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, colon, dims = item.rpartition(":")
+            if not colon or not name or not all(p.isdigit() for p in dims.split("x")):
+                raise InvalidOptionError(f"provider_options.{key}: {item!r} is not NAME:DxD (e.g. *:8x128)")
+            if name == "*":
+                wildcard.append(dims)
+            else:
+                entries[name] = dims
+        for dims in wildcard:
+            for name, rank in dynamic:
+                if name not in entries and rank == len(dims.split("x")):
+                    entries[name] = dims
+        expanded[key] = ",".join(f"{name}:{dims}" for name, dims in entries.items())
+    return expanded
+
+
 def create_session(
     model_path: Path | str,
     provider: str = "CPUExecutionProvider",
@@ -102,7 +216,10 @@ def create_session(
     import onnxruntime as ort
 
     require_provider(provider)
-    providers: list[Any] = [(provider, resolve_provider_options(provider_options or {}, artifact_dir))]
+    options = provider_options or {}
+    if Path(model_path).is_file():
+        options = expand_profile_shapes(options, model_path)
+    providers: list[Any] = [(provider, resolve_provider_options(options, artifact_dir))]
     for name in fallback_providers:
         if name != provider and provider_works(name):
             providers.append(name)
