@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 
 from optpipe.errors import UnsupportedModelError
+from optpipe.graph_checks import check_graph, cpu_run_errors
 from optpipe.pipeline import ModelFiles
 from optpipe.session import create_session, provider_works
 from optpipe.source import ModelSource
@@ -30,6 +31,7 @@ class ValidationResult:
     deferred: str | None = None
     provider: str = "CPUExecutionProvider"
     texts: int = 0
+    checks: dict[str, Any] = field(default_factory=dict)  # graph facts per component (graph_checks)
 
     @property
     def passed(self) -> bool:
@@ -38,7 +40,7 @@ class ValidationResult:
     def to_json(self) -> dict[str, Any]:
         return {"task": self.task, "metrics": self.metrics, "thresholds": self.thresholds,
                 "passed": self.passed, "failures": list(self.failures), "deferred": self.deferred,
-                "provider": self.provider, "texts": self.texts}
+                "provider": self.provider, "texts": self.texts, "checks": self.checks}
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,18 @@ def validate(source: ModelSource, files: ModelFiles, target, texts: tuple[str, .
         return create_session(path)
 
     texts = texts or validation_texts()
-    metrics = validator(Runner(source, files, make_session, texts))
+    # What the target promises about the graph is checked on the file, with or without its provider.
+    checks = check_graph(files, target)
+    try:
+        metrics = validator(Runner(source, files, make_session, texts))
+    except cpu_run_errors() as exc:
+        if deferred is None:
+            raise
+        # A graph made for the GPU may use a float16 op that ORT's CPU kernels lack: record it, do not fail.
+        deferred += f"; {provider} could not run it either: {str(exc).strip().splitlines()[0][:200]}"
+        metrics = {}
     relevant = {k: v for k, v in target.validate.items() if k in metrics}
-    failures = () if deferred else check_thresholds(metrics, relevant)
+    # When the provider is missing, the same graph ran on CPU: its fidelity still has to hold.
+    failures = (*checks.failures, *check_thresholds(metrics, relevant))
     return ValidationResult(source.task, {k: round(v, 6) for k, v in metrics.items()}, relevant, failures,
-                            deferred, provider, len(texts))
+                            deferred, provider, len(texts), checks.facts)
