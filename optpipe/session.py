@@ -21,13 +21,25 @@ INSTALL_HINT = {
 NEEDS = {"TensorrtExecutionProvider": "CUDAExecutionProvider"}  # TensorRT EP runs on top of CUDA's libraries
 
 
-def _installed(distribution: str) -> str | None:
+def _installed(distribution: str) -> tuple[str, Path] | None:
+    """Version and site directory of an installed distribution."""
     from importlib import metadata
 
     try:
-        return metadata.version(distribution)
+        dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
         return None
+    return dist.version, Path(str(dist.locate_file(""))).resolve()
+
+
+def _loaded_from(ort) -> str:
+    """Which distribution the imported onnxruntime module belongs to (its files are shared by both wheels)."""
+    module_dir = Path(ort.__file__).resolve().parent
+    for name in ("onnxruntime-gpu", "onnxruntime"):
+        found = _installed(name)
+        if found and module_dir.parent == found[1]:
+            return name
+    return "onnxruntime"
 
 
 def provider_problem(provider: str) -> str | None:
@@ -38,13 +50,14 @@ def provider_problem(provider: str) -> str | None:
         return None
     hint = INSTALL_HINT.get(provider, "install an onnxruntime build that includes it")
     cpu, gpu = _installed("onnxruntime"), _installed("onnxruntime-gpu")
-    if cpu and gpu:
+    if cpu and gpu and cpu[1] == gpu[1]:
         # Both wheels unpack into the same onnxruntime/ folder; whichever was installed last half-wins.
-        return (f"{provider} is not available: onnxruntime {cpu} and onnxruntime-gpu {gpu} are both installed and "
-                "overwrite each other's files; run pip uninstall -y onnxruntime onnxruntime-gpu && "
+        return (f"{provider} is not available: onnxruntime {cpu[0]} and onnxruntime-gpu {gpu[0]} are both installed "
+                "and overwrite each other's files; run pip uninstall -y onnxruntime onnxruntime-gpu && "
                 "pip install 'onnxruntime-gpu[cuda,cudnn]'")
     if provider not in ort.get_available_providers():
-        build = f"onnxruntime-gpu {gpu}" if gpu else f"the CPU build of onnxruntime {cpu or ort.__version__}"
+        build = (f"onnxruntime-gpu {gpu[0]}" if gpu and _loaded_from(ort) == "onnxruntime-gpu"
+                 else f"the CPU build of onnxruntime {ort.__version__}")
         return f"{provider} is not available on this machine ({build} is installed): {hint}"
     needed = NEEDS.get(provider)
     if needed and not provider_works(needed):
