@@ -96,6 +96,9 @@ def optimize(
     """
     say = progress or log.info
     resolved_target = resolve_target(target, overrides, pipeline)
+    calibration_path, column = _check_calibration(calibration)
+    if column and resolved_target.pass_spec("quantize") is not None:
+        resolved_target = resolved_target.with_overrides([f"quantize.calibration_column={column}"])
     from optpipe.passes import PASSES
 
     steps = Pipeline(resolved_target.passes, PASSES)  # checks options and order before any work
@@ -103,7 +106,6 @@ def optimize(
     dest = Path(output) if output is not None else default_output(source, resolved_target)
     dest = dest.expanduser().resolve()
     prepare_destination(dest, overwrite)
-    calibration_path = _check_calibration(calibration)
 
     say(f"optpipe {__version__}: {source.model_id} ({source.model_type}, {source.task}) -> "
         f"{resolved_target.name} [{resolved_target.pipeline}]")
@@ -133,15 +135,15 @@ def optimize(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _check_calibration(calibration: str | Path | None) -> Path | None:
+def _check_calibration(calibration: str | Path | None) -> tuple[Path | None, str | None]:
+    """The calibration file and the column named with FILE.csv:COLUMN, checked (readable, has texts) before any work."""
     if calibration is None:
-        return None
-    from optpipe.errors import CalibrationDataError
+        return None, None
+    from optpipe.calibration import load_calibration, split_spec
 
-    path = Path(calibration).expanduser()
-    if not path.is_file():
-        raise CalibrationDataError(f"calibration file {calibration} does not exist")
-    return path.resolve()
+    path, column = split_spec(calibration)
+    load_calibration(calibration)  # raises CalibrationDataError with a one-line message
+    return path.resolve(), column
 
 
 def _fmt(metrics: dict[str, float]) -> str:

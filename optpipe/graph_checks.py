@@ -130,7 +130,7 @@ def check_graph(files: ModelFiles, target) -> GraphCheck:
     """The checks a target's recipe implies, per component."""
     import onnx
 
-    from optpipe.passes.quantize import float_exclusions
+    from optpipe.passes.quantize import float_exclusions, recorded_kept_float
     from optpipe.pipeline import build_config
     from optpipe.passes import PASSES
 
@@ -148,7 +148,8 @@ def check_graph(files: ModelFiles, target) -> GraphCheck:
             config = build_config(PASSES["quantize"], quant_spec.options)
             if config.mode == "static" and config.quant_format == "qdq":
                 op_types = tuple(config.op_types) or ("MatMul",)
-                kept = tuple(float_exclusions(model, config))
+                # the recipe's roles, plus what the pass decided at run time (sensitivity fallbacks)
+                kept = tuple(float_exclusions(model, config)) + tuple(recorded_kept_float(model))
                 comp["qdq"], found = check_qdq(model, component, op_types, config.activation_symmetric,
                                                config.weight_symmetric, kept)
                 failures += found

@@ -1,4 +1,4 @@
-"""quantize: INT8 with onnxruntime.quantization (dynamic now; static with calibration in quantize_static)."""
+"""quantize: INT8 with onnxruntime.quantization, dynamic or static (calibration and sensitivity in quantize_static)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ class QuantizeConfig:
     activation_symmetric: bool = False  # TensorRT wants symmetric activations
     weight_symmetric: bool = True
     calibration_samples: int = 0  # 0: every calibration text
+    calibration_column: str = "text"  # the .csv column / .jsonl field with the texts (or --calibration FILE:COLUMN)
+    # keep the N weighted nodes whose quantization alone costs the most fidelity on the calibration texts in float
+    sensitivity_fallback: int = 0
+    # Q/DQ on MatMul/Gemm outputs too; off by default: those outputs feed wide-range bias and residual adds
+    quantize_outputs: bool = False
 
     def check(self) -> None:
         if self.mode not in ("dynamic", "static"):
@@ -51,6 +56,22 @@ class QuantizeConfig:
         if unknown:
             raise InvalidOptionError(f"quantize.keep_float: unknown role {', '.join(unknown)} "
                                      f"(roles: {', '.join(KEEP_FLOAT_ROLES)})")
+        if self.quant_format not in ("qdq", "qoperator"):
+            raise InvalidOptionError(f"quantize.quant_format must be 'qdq' or 'qoperator', not {self.quant_format!r}")
+        if self.calibrate_method not in ("minmax", "percentile", "entropy"):
+            raise InvalidOptionError("quantize.calibrate_method must be 'minmax', 'percentile' or 'entropy', "
+                                     f"not {self.calibrate_method!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise InvalidOptionError(f"quantize.percentile must be in (50, 100], not {self.percentile}")
+        for key in ("calibration_samples", "sensitivity_fallback"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidOptionError(f"quantize.{key} must be a whole number >= 0, not {value!r}")
+        for key in ("per_channel", "reduce_range", "activation_symmetric", "weight_symmetric", "quantize_outputs"):
+            if not isinstance(getattr(self, key), bool):
+                raise InvalidOptionError(f"quantize.{key} must be true or false, not {getattr(self, key)!r}")
+        if not isinstance(self.calibration_column, str) or not self.calibration_column:
+            raise InvalidOptionError("quantize.calibration_column must be a column name")
 
 
 def nodes_in_role(model, role: str) -> list[str]:
@@ -98,6 +119,31 @@ def float_exclusions(model, config: QuantizeConfig) -> dict[str, str]:
     return excluded
 
 
+KEPT_FLOAT_METADATA = "optpipe.kept_float"
+
+
+def stamp_kept_float(path, kept: dict[str, str]) -> None:
+    """Record in the model which nodes stay float and why, so graph checks can tell a choice from a miss."""
+    import json
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        KEPT_FLOAT_METADATA: json.dumps(kept, sort_keys=True)})
+    onnx.save(model, str(path))
+
+
+def recorded_kept_float(model) -> dict[str, str]:
+    """The kept-float nodes a quantize pass recorded in the model (empty when none were recorded)."""
+    import json
+
+    for prop in model.metadata_props:
+        if prop.key == KEPT_FLOAT_METADATA:
+            return json.loads(prop.value)
+    return {}
+
+
 def integer_op_counts(model) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph.node:
@@ -124,18 +170,18 @@ class QuantizePass:
             excluded = float_exclusions(model, config)
             large = model.ByteSize() > 1_800_000_000
             ctx.progress(f"  quantizing {component} ({config.mode}, {len(excluded)} nodes kept in float)")
+            entry = report["components"].setdefault(component, {})
             if config.mode == "dynamic":
                 self._dynamic(src, dst, config, list(excluded), large)
             else:
                 from optpipe.passes.quantize_static import quantize_static_component
 
-                report["components"].setdefault(component, {}).update(
-                    quantize_static_component(src, dst, config, list(excluded), large, ctx))
+                static = quantize_static_component(src, dst, config, list(excluded), large, ctx)
+                excluded = {**excluded, **static.pop("kept_float")}
+                entry.update(static)
+                stamp_kept_float(dst, excluded)
             out = onnx.load(str(dst), load_external_data=False)
-            report["components"].setdefault(component, {}).update({
-                "integer_ops": integer_op_counts(out),
-                "kept_float": excluded,
-            })
+            entry.update({"integer_ops": integer_op_counts(out), "kept_float": excluded})
         copy_aux_files(files.path, ctx.out_dir)
         return PassResult(ModelFiles(ctx.out_dir, "onnx", files.components), report)
 
