@@ -59,6 +59,23 @@ def measure(artifact: Artifact, batch_sizes: list[int], seq: int, iters: int, wa
     return result
 
 
+def markdown(results: list[dict]) -> str:
+    """A results table: validation as recorded in each manifest, then the measured latencies."""
+    lines = ["| target | validated on | fidelity | providers used | batch | p50 ms | p90 ms | seq/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in results:
+        if "error" in row:
+            lines.append(f"| {row['artifact']} | | | error: {row['error']} | | | | |")
+            continue
+        v = Artifact.load(row["artifact"]).manifest["validation"]
+        where = v["provider"] + (f" (deferred: {v['deferred']})" if v.get("deferred") else "")
+        fidelity = ", ".join(f"{k} {val:.5f}" for k, val in v["metrics"].items())
+        for r in row["rows"]:
+            lines.append(f"| {row['target']} | {where} | {fidelity} | {', '.join(row['providers'])} | {r['batch']} "
+                         f"| {r['p50_ms']} | {r['p90_ms']} | {r['sequences_per_s']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifacts", nargs="+")
@@ -68,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--cpu", action="store_true", help="dry run on CPUExecutionProvider (not GPU figures)")
     parser.add_argument("--json", help="append results to this file (a JSON list)")
+    parser.add_argument("--markdown", help="write a results table (validation from the manifests + latency) here")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     results, status = [], 0
@@ -88,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.json)
         previous = json.loads(out.read_text()) if out.is_file() else []
         out.write_text(json.dumps(previous + results, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(results))
     return status
 
 
