@@ -9,8 +9,9 @@
 #
 # Environment:
 #   WHEELHOUSE=DIR   install offline from wheels in DIR (pip --no-index --find-links DIR). It must hold
-#                    onnxruntime-gpu, tensorrt-cu<CUDA major> + _libs + _bindings, the project's dependencies,
-#                    setuptools>=77 and wheel (the editable build needs them).
+#                    onnxruntime-gpu, tensorrt-cu<CUDA major> + _libs + _bindings (the real wheels from
+#                    pypi.nvidia.com: PyPI has only stubs), the project's dependencies, setuptools>=77 and wheel.
+#                    Without it, PyPI and pypi.nvidia.com must be reachable.
 #   RESULTS=DIR      where results go (default: $OUT when set, else bench/results; dry runs: /tmp/optpipe-gpu-check)
 #   SKIP_INSTALL=1   the GPU stack is already installed
 #   PYTHON=python3   interpreter to use
@@ -72,7 +73,10 @@ install_gpu_stack() {
     cuda=$("$PY" -c "import onnxruntime.capi.build_and_package_info as b; print(b.cuda_version.split('.')[0])")
     # onnxruntime's TensorRT EP links libnvinfer.so.10: TensorRT 10, built for the same CUDA major.
     say "installing tensorrt-cu$cuda 10.x (onnxruntime-gpu is built on CUDA $cuda)"
-    "${pip[@]}" "tensorrt-cu$cuda>=10,<11" || say "TensorRT did not install: the tensorrt targets will say so"
+    # TensorRT's PyPI packages are stubs that download the real wheels from NVIDIA's index at install time.
+    local nvidia=()
+    [[ -z "${WHEELHOUSE:-}" ]] && nvidia=(--extra-index-url https://pypi.nvidia.com)
+    "${pip[@]}" "${nvidia[@]}" "tensorrt-cu$cuda>=10,<11" || say "TensorRT did not install: the tensorrt targets will say so"
 }
 
 if [[ $DRY != 1 && ${SKIP_INSTALL:-0} != 1 ]]; then

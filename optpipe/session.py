@@ -15,8 +15,10 @@ GPU_INSTALL = "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu[cuda
 INSTALL_HINT = {
     "CUDAExecutionProvider": f"install the GPU build: {GPU_INSTALL} (needs an NVIDIA GPU and driver; the extras "
                              "bring the CUDA and cuDNN libraries that build was made for)",
-    "TensorrtExecutionProvider": f"install the GPU build and TensorRT 10: {GPU_INSTALL} 'tensorrt-cu13>=10,<11' "
-                                 "(tensorrt-cu12 for an onnxruntime-gpu built on CUDA 12; see bench/gpu_check.sh)",
+    # TensorRT's PyPI packages are stubs that fetch the real wheels from NVIDIA's index.
+    "TensorrtExecutionProvider": f"install the GPU build and TensorRT 10: {GPU_INSTALL} && pip install "
+                                 "--extra-index-url https://pypi.nvidia.com 'tensorrt-cu13>=10,<11' (tensorrt-cu12 "
+                                 "for an onnxruntime-gpu built on CUDA 12)",
 }
 NEEDS = {"TensorrtExecutionProvider": "CUDAExecutionProvider"}  # TensorRT EP runs on top of CUDA's libraries
 
