@@ -6,5 +6,6 @@ from optpipe.artifact import Artifact  # noqa: E402
 from optpipe.api import optimize  # noqa: E402
 from optpipe.errors import OptpipeError  # noqa: E402
 from optpipe.targets import list_targets, load_target  # noqa: E402
+from optpipe.tune import tune  # noqa: E402
 
-__all__ = ["Artifact", "OptpipeError", "list_targets", "load_target", "optimize", "__version__"]
+__all__ = ["Artifact", "OptpipeError", "list_targets", "load_target", "optimize", "tune", "__version__"]

@@ -89,10 +89,12 @@ def optimize(
     use_cache: bool = True,
     calibration: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    extra_manifest: dict[str, Any] | None = None,
 ) -> Artifact:
     """Compile `model` (hub id, local dir, or None for the bundled MiniLM) for `target`; returns the Artifact.
 
-    Nothing is written at `output` unless the artifact passed validation.
+    Nothing is written at `output` unless the artifact passed validation. `extra_manifest` adds top-level
+    sections to manifest.json (e.g. the candidate table of `optpipe tune`).
     """
     say = progress or log.info
     resolved_target = resolve_target(target, overrides, pipeline)
@@ -124,7 +126,8 @@ def optimize(
             )
         source_bytes = sum(p.stat().st_size for p in source.path.rglob("*") if p.is_file()
                            and p.suffix in (".safetensors", ".bin"))
-        manifest = build_manifest(source, resolved_target, result, staged, validation, source_bytes)
+        manifest = {**build_manifest(source, resolved_target, result, staged, validation, source_bytes),
+                    **(extra_manifest or {})}
         artifact = publish(staging, dest, manifest, overwrite)
         say(f"published {dest}")
         return artifact

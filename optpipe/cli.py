@@ -10,6 +10,7 @@ import warnings
 from typing import Any
 
 from optpipe.errors import OptpipeError
+from optpipe.cli_tune import add_tune_parser
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("action", choices=["dir", "clear"], nargs="?", default="dir")
 
     # Larger command groups live in their own modules; each adds its subparsers with set_defaults(handler=...).
+    add_tune_parser(sub)
     return parser
 
 

@@ -49,6 +49,16 @@ class CalibrationDataError(OptpipeError):
     pass
 
 
+class EvalDataError(OptpipeError):
+    """A bad `optpipe tune --eval` file (missing, unreadable, no text/label, unknown label)."""
+
+
+class TuningFailedError(OptpipeError):
+    """No candidate recipe met the loss budget."""
+
+    exit_code = 3
+
+
 class ArtifactError(OptpipeError):
     """A published artifact is missing, corrupt, or not an optpipe artifact."""
 
