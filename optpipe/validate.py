@@ -15,6 +15,7 @@ from optpipe.pipeline import ModelFiles
 from optpipe.session import create_session, provider_works
 from optpipe.source import ModelSource
 from optpipe.texts import validation_texts
+from optpipe.validate_generation import text2text_generation, text_generation
 
 log = logging.getLogger("optpipe.validate")
 
@@ -96,8 +97,44 @@ def feature_extraction(run: Runner) -> dict[str, float]:
     return {"mean_cosine": float(np.mean(cosines)), "min_cosine": float(np.min(cosines)), "max_abs_diff": max_diff}
 
 
+def _classification(run: Runner, per_token: bool) -> dict[str, float]:
+    """Top-1 label agreement (per text, or per real token) and the max abs diff of the logits."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run.source.path)
+    auto = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
+    model = auto.from_pretrained(run.source.path).eval()
+    session = run.session(run.files.path / run.files.components[0])
+    agree = total = 0
+    max_diff = 0.0
+    for batch in _batches(run.texts):
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
+        with torch.no_grad():
+            ref = model(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.numpy()
+        out = session.run(["logits"], _feed(session, enc))[0]
+        # per text, every row counts; per token, only real (non-pad) tokens do
+        keep = enc["attention_mask"].astype(bool) if per_token else np.ones(len(batch), dtype=bool)
+        agree += int((ref.argmax(-1) == out.argmax(-1))[keep].sum())
+        total += int(keep.sum())
+        max_diff = max(max_diff, float(np.abs(ref - out)[keep].max()))
+    return {"top1_agreement": agree / total, "max_abs_diff": max_diff}
+
+
+def text_classification(run: Runner) -> dict[str, float]:
+    return _classification(run, per_token=False)
+
+
+def token_classification(run: Runner) -> dict[str, float]:
+    return _classification(run, per_token=True)
+
+
 VALIDATORS: dict[str, Callable[[Runner], dict[str, float]]] = {
     "feature-extraction": feature_extraction,
+    "text-classification": text_classification,
+    "token-classification": token_classification,
+    "text-generation": text_generation,
+    "text2text-generation": text2text_generation,
 }
 
 
@@ -134,10 +171,13 @@ def validate(source: ModelSource, files: ModelFiles, target, texts: tuple[str, .
         return create_session(path)
 
     texts = texts or validation_texts()
+    # generators run through Optimum's ORTModel classes, which build their own sessions on this provider
+    optimum_options = {"provider": provider,
+                       "provider_options": target.provider_options if provider == target.provider else {}}
     # What the target promises about the graph is checked on the file, with or without its provider.
     checks = check_graph(files, target)
     try:
-        metrics = validator(Runner(source, files, make_session, texts))
+        metrics = validator(Runner(source, files, make_session, texts, optimum_options))
     except cpu_run_errors() as exc:
         if deferred is None:
             raise

@@ -24,7 +24,15 @@ class ExportConfig:
     do_validation: bool = True
 
 
+# Optimum writes a seq2seq decoder three ways: without past, with past, and both merged behind an If node.
+# ONNX Runtime's transformer optimizer does not fuse inside If subgraphs (0 fusions on a merged T5 decoder),
+# so the artifact keeps the two plain decoders, which ORTModelForSeq2SeqLM loads when no merged file exists.
+_UNFUSABLE_MERGED = "decoder_model_merged.onnx"
+
+
 def supported_tasks(model_type: str) -> list[str]:
+    # The registry is filled when the ONNX configs are imported, not by importing TasksManager alone.
+    import optimum.exporters.onnx.model_configs  # noqa: F401
     from optimum.exporters.tasks import TasksManager
 
     try:
@@ -63,7 +71,28 @@ class ExportPass:
             library_name="transformers",
             local_files_only=True,
         )
-        components = tuple(sorted(p.name for p in Path(ctx.out_dir).glob("*.onnx")))
+        out = Path(ctx.out_dir)
+        dropped = _drop_merged_decoder(out)
+        components = _ordered(p.name for p in out.glob("*.onnx"))
         report = {"task": task, "components": list(components), "opset": config.opset or "optimum default",
                   "validated_by_optimum": config.do_validation, "atol": config.atol}
+        if dropped:
+            report["dropped"] = {dropped: "merged decoder (If node): ONNX Runtime's optimizer cannot fuse inside "
+                                          "it; decoder_model.onnx + decoder_with_past_model.onnx are kept instead"}
         return PassResult(ModelFiles(ctx.out_dir, "onnx", components), report)
+
+
+def _drop_merged_decoder(out: Path) -> str | None:
+    merged = out / _UNFUSABLE_MERGED
+    if merged.is_file() and (out / "decoder_model.onnx").is_file() and (out / "decoder_with_past_model.onnx").is_file():
+        merged.unlink()
+        for data in out.glob(_UNFUSABLE_MERGED + "*data"):
+            data.unlink()
+        return _UNFUSABLE_MERGED
+    return None
+
+
+def _ordered(names) -> tuple[str, ...]:
+    """Encoder first, then decoders, so reports read in the order the model runs."""
+    rank = {"encoder_model.onnx": 0, "model.onnx": 0, "decoder_model.onnx": 1, "decoder_with_past_model.onnx": 2}
+    return tuple(sorted(names, key=lambda n: (rank.get(n, 3), n)))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from optpipe.errors import InvalidOptionError
 from optpipe.pipeline import ModelFiles, PassContext, PassResult, copy_aux_files
@@ -32,6 +34,13 @@ OPTIMIZER_MODEL_TYPE = {
     "vit": "vit",
     "clip": "clip",
     "swin": "swin",
+}
+
+
+# Optimizer types whose fusions emit ops with no CPU kernel: on the "cpu" flavor use another type's fusions.
+_CPU_SUBSTITUTE = {
+    "t5": ("bert", "the t5 optimizer emits RelativePositionBias, which has only a CUDA kernel in onnxruntime; "
+                   "bert fusions (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization) are used on CPU"),
 }
 
 
@@ -68,7 +77,12 @@ class FusePass:
 
         hf_type = ctx.source.model_type
         opt_type = config.model_type or OPTIMIZER_MODEL_TYPE.get(hf_type)
-        report: dict = {"model_type": opt_type or "none", "flavor": config.flavor, "components": {}}
+        heads, hidden = attention_shape(files.path)
+        report: dict = {"model_type": opt_type or "none", "flavor": config.flavor, "num_heads": heads,
+                        "hidden_size": hidden, "components": {}}
+        if config.flavor == "cpu" and opt_type in _CPU_SUBSTITUTE and config.model_type is None:
+            opt_type, report["note"] = _CPU_SUBSTITUTE[opt_type]
+            report["model_type"] = opt_type
         if opt_type is None:
             report["note"] = (f"no transformer optimizer for model_type {hf_type!r}: fell back to "
                               "ONNX Runtime's generic graph optimizations (constant folding, basic fusions)")
@@ -81,6 +95,9 @@ class FusePass:
                 opt_level=config.opt_level if opt_type else 1,
                 use_gpu=config.flavor == "gpu",
                 only_onnxruntime=opt_type is None,
+                # 0 asks the optimizer to detect them from the graph, which fails on several exporters' graphs
+                num_heads=heads,
+                hidden_size=hidden,
             )
             fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
             optimized.save_model_to_file(str(ctx.out_dir / component), use_external_data_format=_is_large(optimized))
@@ -93,6 +110,22 @@ class FusePass:
             }
         copy_aux_files(files.path, ctx.out_dir)
         return PassResult(ModelFiles(ctx.out_dir, "onnx", files.components), report)
+
+
+# config.json keys for (attention heads, hidden size) across architectures, first match wins.
+_HEADS_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads")
+_HIDDEN_KEYS = ("hidden_size", "n_embd", "dim", "d_model")
+
+
+def attention_shape(model_dir: Path) -> tuple[int, int]:
+    """(num_heads, hidden_size) from the exported directory's config.json; (0, 0) lets ORT detect them."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0, 0
+    heads = next((int(config[k]) for k in _HEADS_KEYS if isinstance(config.get(k), int)), 0)
+    hidden = next((int(config[k]) for k in _HIDDEN_KEYS if isinstance(config.get(k), int)), 0)
+    return heads, hidden
 
 
 def _is_large(optimized) -> bool:

@@ -111,6 +111,10 @@ def float_exclusions(model, config: QuantizeConfig) -> dict[str, str]:
     for role in config.keep_float:
         for name in nodes_in_role(model, role):
             excluded[name] = KEEP_FLOAT_ROLES[role]
+    for node in model.graph.node:
+        # QAttention needs a bias input; attention fused from a bias-free model (T5) has none
+        if node.op_type == "Attention" and (len(node.input) < 3 or not node.input[2]):
+            excluded.setdefault(node.name, "fused Attention without bias: QAttention requires one")
     if config.exclude_nodes:
         patterns = [re.compile(p) for p in config.exclude_nodes]
         for node in model.graph.node:

@@ -47,3 +47,123 @@ def tiny_bert(path: Path, head: str = "base", seed: int = 0) -> Path:
     model = cls(config)
     _spread_weights(model)
     return _save(model, tokenizer, path)
+
+
+def _special_ids(tokenizer) -> dict[str, int]:
+    """The BERT WordPiece vocabulary has no bos/eos: [CLS] starts, [SEP] ends, [PAD] pads (id 0)."""
+    return {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.cls_token_id,
+            "eos_token_id": tokenizer.sep_token_id}
+
+
+def _encoder(path: Path, config_cls: str, base: str, seq: str, tok: str, head: str, seed: int, **kwargs) -> Path:
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = bert_tokenizer()
+    config = getattr(transformers, config_cls)(vocab_size=tokenizer.vocab_size, num_labels=3, **kwargs)
+    cls = {"base": base, "sequence-classification": seq, "token-classification": tok}[head]
+    model = getattr(transformers, cls)(config)
+    _spread_weights(model)
+    return _save(model, tokenizer, path)
+
+
+def tiny_distilbert(path: Path, head: str = "base", seed: int = 0) -> Path:
+    """A 2-layer DistilBERT (dim 64, 4 heads)."""
+    return _encoder(path, "DistilBertConfig", "DistilBertModel", "DistilBertForSequenceClassification",
+                    "DistilBertForTokenClassification", head, seed, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                    max_position_embeddings=256, pad_token_id=0)
+
+
+def tiny_roberta(path: Path, head: str = "base", seed: int = 0) -> Path:
+    """A 2-layer RoBERTa (hidden 64, 4 heads). Positions start after padding_idx, hence max_position + 2."""
+    return _encoder(path, "RobertaConfig", "RobertaModel", "RobertaForSequenceClassification",
+                    "RobertaForTokenClassification", head, seed, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=128, max_position_embeddings=258, type_vocab_size=1,
+                    pad_token_id=0)
+
+
+def _fit(model, tokenizer, steps: int) -> None:
+    """A few hundred Adam steps on the calibration texts (never the validation texts).
+
+    An untrained generator's next-token logits are nearly flat (top-1/top-2 gap ~0.1 for a logit std of 0.8), so
+    any INT8 noise flips its argmax and agreement says nothing. Trained models are peaky; so is this one after
+    fitting, which makes the INT8 next-token and greedy checks test the quantizer rather than the tie-breaking.
+    """
+    from optpipe.texts import calibration_texts
+
+    texts = list(calibration_texts())
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=24, return_tensors="pt",
+                    return_token_type_ids=False)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        pick = torch.randperm(len(texts), generator=generator)[:8]  # small batches: 2 cores, 30k-token vocab
+        optimizer.zero_grad()
+        model(input_ids=enc["input_ids"][pick], attention_mask=enc["attention_mask"][pick],
+              labels=labels[pick]).loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def _generator(model, tokenizer, path: Path, std: float, steps: int = 0) -> Path:
+    from transformers import GenerationConfig
+
+    _spread_weights(model, std)
+    if steps:
+        _fit(model, tokenizer, steps)
+    ids = _special_ids(tokenizer)
+    model.generation_config = GenerationConfig(**ids, decoder_start_token_id=model.config.decoder_start_token_id
+                                               if model.config.is_encoder_decoder else None)
+    return _save(model, tokenizer, path)
+
+
+def tiny_gpt2(path: Path, seed: int = 0, std: float = 0.05, steps: int = 30) -> Path:
+    """A 2-layer GPT-2 (n_embd 64, 4 heads; lm_head tied to the embeddings, as GPT-2 always is)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    tokenizer = bert_tokenizer()
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                        **_special_ids(tokenizer))
+    return _generator(GPT2LMHeadModel(config), tokenizer, path, std, steps)
+
+
+def tiny_llama(path: Path, seed: int = 0, std: float = 0.05, steps: int = 30) -> Path:
+    """A 2-layer Llama (hidden 64, 4 query heads / 2 kv heads: grouped-query attention, RMSNorm, rotary)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = bert_tokenizer()
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=False, **_special_ids(tokenizer))
+    return _generator(LlamaForCausalLM(config), tokenizer, path, std, steps)
+
+
+def tiny_t5(path: Path, seed: int = 0, std: float = 0.05, steps: int = 30) -> Path:
+    """A 2+2-layer T5 (d_model 64, 4 heads). T5 starts decoding from the pad token."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = bert_tokenizer()
+    ids = _special_ids(tokenizer)
+    config = T5Config(vocab_size=tokenizer.vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                      num_decoder_layers=2, num_heads=4, decoder_start_token_id=ids["pad_token_id"],
+                      tie_word_embeddings=False, **ids)
+    return _generator(T5ForConditionalGeneration(config), tokenizer, path, std, steps)
+
+
+def tiny_bart(path: Path, seed: int = 0, std: float = 0.05, steps: int = 30) -> Path:
+    """A 2+2-layer BART (d_model 64, 4 heads), decoding from eos as BART does."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = bert_tokenizer()
+    ids = _special_ids(tokenizer)
+    config = BartConfig(vocab_size=tokenizer.vocab_size, d_model=64, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                        decoder_ffn_dim=128, max_position_embeddings=256, decoder_start_token_id=ids["eos_token_id"],
+                        forced_eos_token_id=None, **ids)
+    return _generator(BartForConditionalGeneration(config), tokenizer, path, std, steps)

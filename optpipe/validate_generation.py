@@ -1,0 +1,123 @@
+"""Fidelity of generators (causal LM, seq2seq) against PyTorch: next-token agreement and greedy generation.
+
+The artifact is driven through Optimum's ORTModelFor... classes, the same way a user loads it, so the KV-cache
+inputs of every decoder component are fed as Optimum feeds them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("optpipe.validate")
+
+BATCH = 8
+MAX_LENGTH = 64
+GREEDY_PROMPTS = 3
+GREEDY_TOKENS = 16
+
+
+def _ort_model(run, cls_name: str):
+    import optimum.onnxruntime as ort_models
+
+    cls = getattr(ort_models, cls_name)
+    return cls.from_pretrained(run.files.path, use_cache=True, provider=run.extra.get("provider", "CPUExecutionProvider"),
+                               provider_options=run.extra.get("provider_options") or None)
+
+
+def _greedy_kwargs(tokenizer) -> dict[str, Any]:
+    # min_new_tokens makes every prompt produce all 16 tokens, so an early eos cannot hide a divergence.
+    return {"max_new_tokens": GREEDY_TOKENS, "min_new_tokens": GREEDY_TOKENS, "do_sample": False, "num_beams": 1,
+            "pad_token_id": tokenizer.pad_token_id}
+
+
+def _agreement(ref: np.ndarray, out: np.ndarray, mask: np.ndarray) -> tuple[int, int, float]:
+    """(positions agreeing on top-1, positions compared, max abs logit diff) over mask == 1."""
+    keep = mask.astype(bool)
+    agree = int((ref.argmax(-1) == out.argmax(-1))[keep].sum())
+    diff = float(np.abs(ref - out)[keep].max()) if keep.any() else 0.0
+    return agree, int(keep.sum()), diff
+
+
+def _batches(texts, size: int = BATCH):
+    for start in range(0, len(texts), size):
+        yield list(texts[start:start + size])
+
+
+def _greedy_match(generate_ref, generate_out, prompts: list[dict[str, Any]]) -> dict[str, float]:
+    exact, tokens_equal, tokens = 0, 0, 0
+    for enc in prompts:
+        ref = generate_ref(enc)[0].tolist()
+        out = generate_out(enc)[0].tolist()
+        exact += int(ref == out)
+        tokens_equal += sum(int(a == b) for a, b in zip(ref[-GREEDY_TOKENS:], out[-GREEDY_TOKENS:]))
+        tokens += GREEDY_TOKENS
+        if ref != out:
+            log.info("greedy generation differs: pytorch %s vs onnx %s", ref[-GREEDY_TOKENS:], out[-GREEDY_TOKENS:])
+    return {"greedy_match": exact / len(prompts), "greedy_token_agreement": tokens_equal / tokens}
+
+
+def text_generation(run) -> dict[str, float]:
+    """Causal LM: next-token top-1 over every non-pad position of the validation texts, then greedy generation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run.source.path)
+    tokenizer.padding_side = "right"  # right padding leaves every real position's logits unchanged
+    model = AutoModelForCausalLM.from_pretrained(run.source.path).eval()
+    ort_model = _ort_model(run, "ORTModelForCausalLM")
+    agree = total = 0
+    max_diff = 0.0
+    for batch in _batches(run.texts):
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt",
+                        return_token_type_ids=False)
+        with torch.no_grad():
+            ref = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
+            out = ort_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
+        a, n, d = _agreement(ref, out, enc["attention_mask"].numpy())
+        agree, total, max_diff = agree + a, total + n, max(max_diff, d)
+    prompts = [tokenizer(text, return_tensors="pt", truncation=True, max_length=16, add_special_tokens=False,
+                         return_token_type_ids=False)
+               for text in run.texts[:GREEDY_PROMPTS]]
+    kwargs = _greedy_kwargs(tokenizer)
+    with torch.no_grad():
+        greedy = _greedy_match(lambda e: model.generate(**e, **kwargs), lambda e: ort_model.generate(**e, **kwargs),
+                               prompts)
+    return {"next_token_agreement": agree / total, "max_abs_diff": max_diff, **greedy}
+
+
+def text2text_generation(run) -> dict[str, float]:
+    """Seq2seq: decoder next-token top-1 given the encoder output (teacher forcing on the text itself), then greedy."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run.source.path)
+    tokenizer.padding_side = "right"
+    model = AutoModelForSeq2SeqLM.from_pretrained(run.source.path).eval()
+    ort_model = _ort_model(run, "ORTModelForSeq2SeqLM")
+    start = model.config.decoder_start_token_id
+    agree = total = 0
+    max_diff = 0.0
+    for batch in _batches(run.texts):
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt",
+                        return_token_type_ids=False)
+        # decoder input: start token + the text, so every position predicts a real next token
+        dec_ids = torch.cat([torch.full_like(enc["input_ids"][:, :1], start), enc["input_ids"][:, :-1]], dim=1)
+        dec_mask = torch.cat([torch.ones_like(enc["attention_mask"][:, :1]), enc["attention_mask"][:, :-1]], dim=1)
+        with torch.no_grad():
+            ref = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                        decoder_input_ids=dec_ids).logits.numpy()
+            out = ort_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                            decoder_input_ids=dec_ids).logits.numpy()
+        a, n, d = _agreement(ref, out, dec_mask.numpy())
+        agree, total, max_diff = agree + a, total + n, max(max_diff, d)
+    prompts = [tokenizer(text, return_tensors="pt", truncation=True, max_length=MAX_LENGTH,
+                         return_token_type_ids=False)
+               for text in run.texts[:GREEDY_PROMPTS]]
+    kwargs = _greedy_kwargs(tokenizer)
+    with torch.no_grad():
+        greedy = _greedy_match(lambda e: model.generate(**e, **kwargs), lambda e: ort_model.generate(**e, **kwargs),
+                               prompts)
+    return {"next_token_agreement": agree / total, "max_abs_diff": max_diff, **greedy}
