@@ -193,3 +193,43 @@ def test_cli_run_says_deferred(tiny_bert_dir, tmp_path, cuda_fp16):
         assert "deferred (CUDAExecutionProvider not available)" in result.stdout
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["pipeline"] == "export,fuse{flavor=gpu},fp16{keep_io_types=true}"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA works here: the GPU run is not deferred")
+def test_graph_cpu_cannot_run_is_recorded_not_failed(cuda_fp16, tiny_bert_dir, tmp_path):
+    """A GPU graph may hold an op with only a CUDA kernel (here BiasAdd): CPU validation says so plainly."""
+    import shutil
+
+    from onnx import helper
+
+    from optpipe.pipeline import ModelFiles
+    from optpipe.source import resolve_source
+    from optpipe.targets import load_target
+    from optpipe.validate import validate
+
+    shutil.copytree(cuda_fp16.path, tmp_path / "a")
+    model = onnx.load(str(tmp_path / "a" / "model.onnx"))
+    out = model.graph.output[0]
+    hidden = next(n for n in model.graph.node if out.name in n.output)
+    hidden.output[list(hidden.output).index(out.name)] = "pre_bias"
+    zeros = helper.make_tensor("zero_bias", TensorProto.FLOAT, [64], [0.0] * 64)
+    model.graph.initializer.append(zeros)
+    model.graph.node.append(helper.make_node("BiasAdd", ["pre_bias", "zero_bias", "pre_bias"], [out.name],
+                                             domain="com.microsoft", name="cuda_only_bias_add"))
+    onnx.save(model, str(tmp_path / "a" / "model.onnx"))
+    files = ModelFiles(tmp_path / "a", "onnx", ("model.onnx",))
+    result = validate(resolve_source(str(tiny_bert_dir)), files, load_target("cuda-fp16"), texts=("a short text",))
+    assert result.passed and result.metrics == {}
+    assert result.deferred.startswith("CUDAExecutionProvider not available; CPUExecutionProvider could not run it")
+    assert "BiasAdd" in result.deferred and "\n" not in result.deferred
+    assert result.checks["model.onnx"]["fp16"]["float16_share"] > 0.9  # the graph checks still ran
+
+
+def test_bundled_minilm_cuda_fp16(tmp_path_factory):
+    art = optimize(None, "cuda-fp16", tmp_path_factory.mktemp("bundled") / "cuda-fp16")
+    m = art.manifest
+    assert m["graph"]["model.onnx"]["fused_ops"]["Attention"] == 6
+    assert m["graph"]["model.onnx"]["fused_ops"]["SkipLayerNormalization"] == 12
+    assert m["validation"]["checks"]["model.onnx"]["fp16"]["float16_share"] == 1.0
+    assert m["validation"]["passed"] and m["validation"]["metrics"]["mean_cosine"] >= 0.999
+    assert m["size"]["onnx_bytes"] < 0.52 * m["size"]["source_bytes"]
