@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,13 +49,24 @@ def _prepare(src: Path, work: Path, large: bool) -> tuple[Path, str]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = work / "prepared.onnx"
+    cwd = os.getcwd()
+    # When inference is incomplete, onnxruntime dumps sym_shape_infer_temp.onnx and its data into the
+    # current directory: keep that inside our scratch directory.
+    os.chdir(work)
     try:
         quant_pre_process(str(src), str(prepared), skip_optimization=True, skip_onnx_shape=False,
-                          skip_symbolic_shape=False, save_as_external_data=large)
+                          skip_symbolic_shape=False, auto_merge=True, save_as_external_data=large)
         return prepared, "symbolic"
     except Exception as exc:  # some graphs defeat symbolic inference; quantize what ONNX inference can type
         log.warning("symbolic shape inference failed (%s); quantizing with ONNX shape inference only", exc)
-        return src, f"onnx only (symbolic inference failed: {type(exc).__name__})"
+        return src, f"onnx only (symbolic inference failed: {_first_line(exc)})"
+    finally:
+        os.chdir(cwd)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 def _quantize(src: Path, dst: Path, config, batches, cache: Path, excluded: list[str], large: bool,
