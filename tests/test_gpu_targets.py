@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
-import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -198,8 +200,6 @@ def test_cli_run_says_deferred(tiny_bert_dir, tmp_path, cuda_fp16):
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA works here: the GPU run is not deferred")
 def test_graph_cpu_cannot_run_is_recorded_not_failed(cuda_fp16, tiny_bert_dir, tmp_path):
     """A GPU graph may hold an op with only a CUDA kernel (here BiasAdd): CPU validation says so plainly."""
-    import shutil
-
     from onnx import helper
 
     from optpipe.pipeline import ModelFiles
@@ -233,3 +233,18 @@ def test_bundled_minilm_cuda_fp16(tmp_path_factory):
     assert m["validation"]["checks"]["model.onnx"]["fp16"]["float16_share"] == 1.0
     assert m["validation"]["passed"] and m["validation"]["metrics"]["mean_cosine"] >= 0.999
     assert m["size"]["onnx_bytes"] < 0.52 * m["size"]["source_bytes"]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA works here: nothing is missing")
+def test_timing_a_gpu_artifact_without_its_provider_is_one_line_exit_2(cuda_fp16, trt_fp16):
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_latency.py"
+    result = subprocess.run([sys.executable, str(script), str(cuda_fp16.path), "--iters", "1", "--warmup", "0"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CUDAExecutionProvider is not available" in lines[0] and "pip install" in lines[0]
+    # with --cpu the same code path measures on CPU (the dry run of bench/gpu_check.sh)
+    ok = subprocess.run([sys.executable, str(script), str(trt_fp16.path), "--cpu", "--batch-sizes", "1,2", "--seq",
+                         "16", "--iters", "2", "--warmup", "0"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert [line.split()[2:4] for line in ok.stdout.splitlines()] == [["bs", "1"], ["bs", "2"]]
