@@ -1,0 +1,229 @@
+"""Latency measurement of published artifacts: realistic inputs, warm-up, interleaving, paired statistics.
+
+Several artifacts are always measured in one process, interleaved: each round runs every artifact once, in a
+freshly shuffled order, with ONNX Runtime's thread spinning off (idle sessions' spinning threads otherwise
+steal the cores of the one being timed). Drift on a shared machine then hits every artifact of a round alike,
+and the ratio of paired times within a round cancels it; the ratio comes with a bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from optpipe.artifact import Artifact
+from optpipe.errors import InvalidOptionError
+from optpipe.harness_inputs import Workload, workloads
+from optpipe.harness_stats import RatioEstimate, paired_ratio
+from optpipe.session import require_provider, target_session
+
+log = logging.getLogger("optpipe.harness")
+
+WARMUP = 5
+MIN_ROUNDS = 10
+
+__all__ = ["BenchResult", "BenchRow", "Measured", "RatioEstimate", "bench", "interleaved_ratios", "open_artifact",
+           "machine_facts"]
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One artifact on one workload (batch, sequence length, and for decoders prefill or decode)."""
+
+    artifact: str
+    target: str
+    providers: tuple[str, ...]
+    workload: str
+    batch: int
+    seq: int
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    sequences_per_s: float
+    memory_mb: float  # RSS growth from creating the session and warming it up on every workload
+    ratio: RatioEstimate | None  # latency / the first artifact's, paired over the same rounds
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    rows: tuple[BenchRow, ...]
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"machine": self.machine, "settings": self.settings, "rows": [asdict(r) for r in self.rows]}
+
+
+@dataclass
+class Measured:
+    """An artifact opened for timing: its session per component and the workloads it runs."""
+
+    path: Path
+    target: str
+    sessions: dict[str, Any]
+    providers: tuple[str, ...]
+    memory_mb: float = 0.0
+    feeds: dict[tuple[str, int, int], Workload] = field(default_factory=dict)
+
+    def run(self, workload: Workload) -> float:
+        session = self.sessions[workload.component]
+        start = time.perf_counter()
+        session.run(None, workload.feed)
+        return time.perf_counter() - start
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError):  # not Linux: ru_maxrss is a peak, still better than nothing
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+def open_artifact(path: str | Path, threads: int | None = None) -> Measured:
+    """Load an artifact (ArtifactError when it is not one) and open its sessions with its target's provider
+    settings and spinning off; ProviderUnavailableError (exit 2) when that provider cannot run here."""
+    artifact = Artifact.load(path)
+    target = artifact.target
+    require_provider(target.provider)
+    before = _rss_mb()
+    sessions = {c.name: target_session(c, target, threads=threads, spinning=False, artifact_dir=artifact.path)
+                for c in artifact.components}
+    providers = tuple(next(iter(sessions.values())).get_providers())
+    measured = Measured(artifact.path, target.name, sessions, providers)
+    measured.memory_mb = _rss_mb() - before
+    return measured
+
+
+def open_model(path: str | Path, threads: int | None = None) -> Measured:
+    """A bare .onnx file or an artifact directory (the scoreboard times anchors that are not optpipe artifacts)."""
+    path = Path(path)
+    if path.is_dir():
+        return open_artifact(path, threads)
+    from optpipe.session import create_session
+
+    before = _rss_mb()
+    session = create_session(path, threads=threads, spinning=False)
+    return Measured(path, "onnx", {path.name: session}, tuple(session.get_providers()), _rss_mb() - before)
+
+
+def _grid_workloads(models: list[Measured], batch: int, seq: int) -> list[list[Workload]]:
+    """The workloads of every model for one (batch, seq); feeds are built once and reused across rounds."""
+    out = []
+    for model in models:
+        built = workloads(model.path, model.sessions, batch, seq)
+        out.append(built)
+    return out
+
+
+def _interleave(models: list[Measured], work: list[Workload | None], warmup: int, runs: int | None,
+                seconds: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per model, the time of each round; every round runs each model once in a shuffled order."""
+    active = [i for i, w in enumerate(work) if w is not None]
+    for _ in range(warmup):
+        for i in active:
+            models[i].run(work[i])
+    times: list[list[float]] = [[] for _ in models]
+    deadline = time.perf_counter() + seconds
+    rounds = 0
+    while (rounds < runs) if runs else (rounds < MIN_ROUNDS or time.perf_counter() < deadline):
+        for i in rng.permutation(active):
+            times[i].append(models[i].run(work[i]))
+        rounds += 1
+    return [np.asarray(t) for t in times]
+
+
+def _row(model: Measured, w: Workload, series: np.ndarray, ratio: RatioEstimate | None) -> BenchRow:
+    ms = series * 1e3
+    p50 = float(np.percentile(ms, 50))
+    return BenchRow(str(model.path), model.target, model.providers, w.name, w.batch, w.seq, len(ms), round(p50, 4),
+                    round(float(np.percentile(ms, 90)), 4), round(float(np.percentile(ms, 99)), 4),
+                    round(float(ms.mean()), 4), round(w.batch * 1e3 / p50, 2), round(model.memory_mb, 1), ratio)
+
+
+def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tuple[int, ...] = (1,),
+          seqs: list[int] | tuple[int, ...] = (128,), *, threads: int | None = None, warmup: int = WARMUP,
+          runs: int | None = None, seconds: float = 5.0, level: float = 0.95, seed: int = 0,
+          progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Latency of each artifact on each (batch, seq) and workload, all artifacts interleaved; `seconds` is the
+    budget per grid cell (or exactly `runs` rounds). Ratios are to the first artifact."""
+    if not artifacts:
+        raise InvalidOptionError("bench needs at least one artifact")
+    if any(b < 1 for b in batches) or any(s < 1 for s in seqs):
+        raise InvalidOptionError("batch sizes and sequence lengths must be >= 1")
+    if runs is not None and runs < 2:
+        raise InvalidOptionError("--runs must be >= 2")
+    models = [a if isinstance(a, Measured) else open_model(a, threads) for a in artifacts]
+    rng = np.random.default_rng(seed)
+    rows: list[BenchRow] = []
+    for batch in batches:
+        for seq in seqs:
+            per_model = _grid_workloads(models, batch, seq)
+            names = list(dict.fromkeys(w.name for ws in per_model for w in ws))
+            for name in names:
+                work = [next((w for w in ws if w.name == name), None) for ws in per_model]
+                if progress:
+                    progress(f"timing {name} bs {batch} seq {seq} ({runs or f'{seconds:g}s'}) ...")
+                series = _interleave(models, work, warmup, runs, seconds, rng)
+                ref = series[0] if work[0] is not None else None
+                for i, (model, w) in enumerate(zip(models, work)):
+                    if w is None:
+                        continue
+                    ratio = paired_ratio(ref, series[i], level) if ref is not None else None
+                    rows.append(_row(model, w, series[i], ratio))
+    settings = {"batches": list(batches), "seqs": list(seqs), "threads": threads, "warmup": warmup, "runs": runs,
+                "seconds": None if runs else seconds, "level": level, "interleaved": True, "spinning": False}
+    return BenchResult(tuple(rows), machine_facts(threads), settings)
+
+
+def interleaved_ratios(model_paths: list[Path], *, batch: int = 1, seq: int = 128, threads: int | None = None,
+                       seconds: float = 10.0) -> list[RatioEstimate]:
+    """Latency of each model relative to the first (ratio 1.0), interleaved for about `seconds`, with a 95%
+    interval. Paths may be artifact directories (their target's provider settings) or bare .onnx files."""
+    models = [open_model(p, threads) for p in model_paths]
+    per_model = _grid_workloads(models, batch, seq)
+    # Decoders have prefill and decode; the ratio is taken on the first workload (prefill / forward).
+    name = per_model[0][0].name
+    work = [next((w for w in ws if w.name == name), ws[0]) for ws in per_model]
+    series = _interleave(models, work, WARMUP, None, seconds, np.random.default_rng(0))
+    return [paired_ratio(series[0], s) for s in series]
+
+
+def machine_facts(threads: int | None = None) -> dict[str, Any]:
+    """What decides whether two timings are comparable: CPU model, cores, threads, library versions."""
+    import platform
+
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 0
+    from optpipe.pipeline import _package_versions
+
+    return {"cpu": cpu, "cores": cores, "threads": threads, "machine": platform.machine(),
+            "system": platform.system(), "python": platform.python_version(), "onnxruntime": ort.__version__,
+            "numpy": np.__version__, "versions": _package_versions()}
+
+
+def bench_json(result: BenchResult) -> str:
+    return json.dumps(result.to_json(), indent=2, default=str)
