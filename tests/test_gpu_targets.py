@@ -248,3 +248,14 @@ def test_timing_a_gpu_artifact_without_its_provider_is_one_line_exit_2(cuda_fp16
                          "16", "--iters", "2", "--warmup", "0"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert [line.split()[2:4] for line in ok.stdout.splitlines()] == [["bs", "1"], ["bs", "2"]]
+
+
+@pytest.mark.skipif(HAS_CUDA or importlib.util.find_spec("optpipe.harness") is None,
+                    reason="CUDA works here, or the harness is not in this tree")
+def test_harness_bench_refuses_gpu_artifacts_with_exit_2(cuda_fp16, trt_fp16):
+    from optpipe.harness import bench
+
+    for artifact, provider in ((cuda_fp16, "CUDAExecutionProvider"), (trt_fp16, "TensorrtExecutionProvider")):
+        with pytest.raises(ProviderUnavailableError) as err:
+            bench([artifact.path], batches=[1], seqs=[16], runs=2)
+        assert err.value.exit_code == 2 and str(err.value).startswith(f"{provider} is not available")
