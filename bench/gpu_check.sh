@@ -122,9 +122,19 @@ if [[ ${#built[@]} -gt 0 ]]; then
         say "timing bs 1/8/32, seq 128 on each target's provider"
         "$PY" bench/gpu_latency.py "${built[@]}" --batch-sizes 1,8,32 --seq 128 --iters 100 --warmup 20 \
             --json "$PREFIX.json" --markdown "$PREFIX.md" || status=$?
+        if "$PY" -c "import optpipe.harness" 2>/dev/null; then
+            say "optpipe's harness: the three interleaved, ratios to cuda-fp16 with confidence intervals"
+            "$PY" - "$PREFIX-harness.json" "${built[@]}" <<'EOF' || status=1
+import sys
+from pathlib import Path
+from optpipe.harness import bench, bench_json
+result = bench(sys.argv[2:], batches=[1, 8, 32], seqs=[128], seconds=5.0, progress=print)
+Path(sys.argv[1]).write_text(bench_json(result))
+EOF
+        fi
         nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv >> "$PREFIX.md"
     fi
     for art in "${built[@]}"; do cp "$art/manifest.json" "$PREFIX-$(basename "$art")-manifest.json"; done
 fi
-say "done in $((SECONDS - started)) s, status $status; results: $PREFIX.{log,json,md}"
+say "done in $((SECONDS - started)) s, status $status; results: $PREFIX*"
 exit $status
