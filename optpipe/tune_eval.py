@@ -99,6 +99,8 @@ def accuracy_scorer(source: ModelSource, eval_file: str | Path) -> Scorer:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    if not Path(eval_file).expanduser().is_file():
+        raise EvalDataError(f"eval file {eval_file} does not exist")
     if source.task != "text-classification":
         raise EvalDataError(f"--eval scores a text classifier; this model's task is {source.task!r} "
                             "(leave out --eval to tune on fidelity)")
