@@ -11,6 +11,7 @@ from typing import Any
 
 from optpipe.errors import OptpipeError
 from optpipe.cli_tune import add_tune_parser
+from optpipe.cli_harness import add_harness_parsers
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Larger command groups live in their own modules; each adds its subparsers with set_defaults(handler=...).
     add_tune_parser(sub)
+    add_harness_parsers(sub)
     return parser
 
 

@@ -65,3 +65,9 @@ class ArtifactError(OptpipeError):
 
 class Interrupted(OptpipeError):
     exit_code = 130
+
+
+class BaselineError(OptpipeError):
+    """`optpipe check` could not judge: no or unreadable baseline, or a different machine class (exit 2)."""
+
+    exit_code = 2

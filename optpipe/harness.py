@@ -29,7 +29,7 @@ log = logging.getLogger("optpipe.harness")
 WARMUP = 5
 MIN_ROUNDS = 10
 
-__all__ = ["BenchResult", "BenchRow", "Measured", "RatioEstimate", "bench", "interleaved_ratios", "open_artifact",
+__all__ = ["BenchResult", "BenchRow", "Measured", "RatioEstimate", "bench", "compare", "interleaved_ratios", "open_artifact",
            "machine_facts"]
 
 
@@ -227,3 +227,10 @@ def machine_facts(threads: int | None = None) -> dict[str, Any]:
 
 def bench_json(result: BenchResult) -> str:
     return json.dumps(result.to_json(), indent=2, default=str)
+
+
+def compare(a: str | Path, b: str | Path, *, batch: int = 1, seq: int = 128, threads: int | None = None,
+            seconds: float = 10.0) -> RatioEstimate:
+    """Latency of B / latency of A, interleaved, with a 95% interval (`.verdict()` says faster/slower/no
+    difference detected)."""
+    return interleaved_ratios([Path(a), Path(b)], batch=batch, seq=seq, threads=threads, seconds=seconds)[1]

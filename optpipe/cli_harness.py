@@ -1,0 +1,116 @@
+"""`optpipe bench`, `optpipe compare`, `optpipe check`: argument parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from optpipe.errors import InvalidOptionError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InvalidOptionError(f"{text!r} is not a comma-separated list of whole numbers (e.g. 1,8)") from None
+    if not values or any(v < 1 for v in values):
+        raise InvalidOptionError(f"{text!r}: give whole numbers >= 1 (e.g. 1,8)")
+    return values
+
+
+def _ratio(r) -> str:
+    return f"{r.ratio:.3f} [{r.low:.3f}, {r.high:.3f}]" if r else "-"
+
+
+def _short(path: str) -> str:
+    return Path(path).name or path
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from optpipe.cli import say
+    from optpipe.harness import bench
+
+    result = bench(args.artifacts, _ints(args.batch), _ints(args.seq), threads=args.threads, warmup=args.warmup,
+                   runs=args.runs, seconds=args.seconds, progress=say)
+    print(f"\ninterleaved, spinning off, threads {args.threads or 'ORT default'}; ratio = latency / "
+          f"{_short(args.artifacts[0])}'s, 95% interval")
+    print(f"{'artifact':<28} {'provider':<10} {'workload':<8} {'bs':>3} {'seq':>4} {'runs':>5} {'p50 ms':>9} "
+          f"{'p90 ms':>9} {'p99 ms':>9} {'seq/s':>9} {'mem MB':>7}  ratio")
+    for r in result.rows:
+        provider = r.providers[0].replace("ExecutionProvider", "") if r.providers else "?"
+        print(f"{_short(r.artifact)[:28]:<28} {provider:<10} {r.workload:<8} {r.batch:>3} {r.seq:>4} {r.runs:>5} "
+              f"{r.p50_ms:>9.3f} {r.p90_ms:>9.3f} {r.p99_ms:>9.3f} {r.sequences_per_s:>9.1f} {r.memory_mb:>7.1f}  "
+              f"{_ratio(r.ratio)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+        say(f"wrote {args.json}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from optpipe import compare
+
+    ratio = compare(args.a, args.b, batch=args.batch, seq=args.seq, threads=args.threads, seconds=args.seconds)
+    verdict = ratio.verdict()
+    change = f"{abs(1 - ratio.ratio):.1%} " + ("slower" if ratio.ratio > 1 else "faster")
+    print(f"{_short(args.b)} / {_short(args.a)} latency (bs {args.batch}, seq {args.seq}, threads "
+          f"{args.threads or 'ORT default'}, {ratio.rounds} interleaved rounds): {_ratio(ratio)} (95% interval)")
+    if verdict == "no difference detected at this noise":
+        print(f"verdict: no difference detected at this noise ({change} measured, interval includes 1.0)")
+    else:
+        print(f"verdict: {_short(args.b)} is {verdict}: {change} (interval excludes 1.0)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from optpipe import check
+    from optpipe.cli import say
+    from optpipe.regress import markdown, parse_tolerance
+
+    result = check(args.artifact, args.baseline, tolerance=parse_tolerance(args.tolerance), update=args.update,
+                   seconds=args.seconds, threads=args.threads, progress=say)
+    if result.status != "updated":
+        print(markdown(result, args.artifact, args.baseline).replace("### ", "").rstrip())
+    else:
+        print(result.message)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(result, args.artifact, args.baseline))
+    return result.exit_code
+
+
+def add_harness_parsers(sub) -> None:
+    """Add bench, compare and check to the CLI's subparsers."""
+    bench = sub.add_parser("bench", help="latency of artifacts (interleaved): p50/p90/p99, throughput, ratios")
+    bench.set_defaults(handler=cmd_bench)
+    bench.add_argument("artifacts", nargs="+", metavar="ARTIFACT")
+    bench.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
+    bench.add_argument("--seq", default="128", help="sequence lengths, comma-separated (default 128)")
+    bench.add_argument("--threads", type=int, help="intra-op threads per session (default: ONNX Runtime's)")
+    bench.add_argument("--warmup", type=int, default=5, help="warm-up runs per artifact and shape (default 5)")
+    budget = bench.add_mutually_exclusive_group()
+    budget.add_argument("--runs", type=int, help="interleaved rounds per shape")
+    budget.add_argument("--seconds", type=float, default=5.0, help="time budget per shape (default 5)")
+    bench.add_argument("--json", metavar="FILE", help="write all figures as JSON")
+
+    compare = sub.add_parser("compare", help="latency ratio B/A, interleaved, with a 95%% interval and a verdict")
+    compare.set_defaults(handler=cmd_compare)
+    compare.add_argument("a", metavar="A")
+    compare.add_argument("b", metavar="B")
+    compare.add_argument("--batch", type=int, default=1)
+    compare.add_argument("--seq", type=int, default=128)
+    compare.add_argument("--threads", type=int)
+    compare.add_argument("--seconds", type=float, default=10.0, help="length of the interleaved run (default 10)")
+
+    check = sub.add_parser("check", help="CI gate: exit 1 on a latency regression beyond the tolerance")
+    check.set_defaults(handler=cmd_check)
+    check.add_argument("artifact", metavar="ARTIFACT")
+    check.add_argument("--baseline", required=True, metavar="FILE", help="baseline JSON (written by --update)")
+    check.add_argument("--tolerance", default="5%", help="slowdown allowed before failing (default 5%%)")
+    check.add_argument("--update", action="store_true", help="record ARTIFACT as the new baseline and exit 0")
+    check.add_argument("--seconds", type=float, help="length of the timing run (default: the baseline's, 20)")
+    check.add_argument("--threads", type=int, help="intra-op threads (default: the baseline's)")
+    check.add_argument("--json", metavar="FILE", help="write the verdict as JSON")
+    check.add_argument("--markdown", metavar="FILE", help="write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")
