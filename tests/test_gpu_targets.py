@@ -259,3 +259,14 @@ def test_harness_bench_refuses_gpu_artifacts_with_exit_2(cuda_fp16, trt_fp16):
         with pytest.raises(ProviderUnavailableError) as err:
             bench([artifact.path], batches=[1], seqs=[16], runs=2)
         assert err.value.exit_code == 2 and str(err.value).startswith(f"{provider} is not available")
+
+
+@pytest.mark.skipif(HAS_CUDA or importlib.util.find_spec("optpipe.cli_harness") is None,
+                    reason="CUDA works here, or `optpipe bench` is not in this tree")
+def test_cli_bench_on_a_gpu_artifact_is_one_line_exit_2(cuda_fp16, trt_fp16):
+    for artifact, provider in ((cuda_fp16, "CUDAExecutionProvider"), (trt_fp16, "TensorrtExecutionProvider")):
+        result = subprocess.run([sys.executable, "-m", "optpipe.cli", "bench", str(artifact.path), "--runs", "2"],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("optpipe: error:")]
+        assert len(errors) == 1 and f"{provider} is not available" in errors[0] and "pip install" in errors[0]
