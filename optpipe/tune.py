@@ -12,7 +12,6 @@ acceptable trial is then the fastest one within budget, and slower recipes need 
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -121,25 +120,11 @@ def _build(recipe_specs: list[PassSpec], source: ModelSource, target: Target, wo
 
 
 def _ratios(paths: list[Path], seconds: float, threads: int | None) -> list[tuple[float, float, float]]:
-    """(ratio, low, high) of each model's latency to the first's, from the harness when it is there."""
-    try:
-        from optpipe.harness import interleaved_ratios
-    except ImportError:
-        from optpipe.tune_timing import interleaved_ratios
-    results = interleaved_ratios(paths, batch=1, seq=128, threads=threads, seconds=seconds)
-    return [_ratio_fields(r) for r in results]
+    """(ratio, low, high) of each model's latency to the first's: the harness's paired interleaved rounds."""
+    from optpipe.harness import interleaved_ratios
 
-
-def _ratio_fields(result: Any) -> tuple[float, float, float]:
-    if isinstance(result, (tuple, list)):
-        ratio, low, high = (list(result) + [math.nan, math.nan])[:3]
-        return float(ratio), float(low), float(high)
-    ratio = float(getattr(result, "ratio"))
-    low = getattr(result, "low", getattr(result, "ci_low", None))
-    high = getattr(result, "high", getattr(result, "ci_high", None))
-    if low is None and hasattr(result, "ci"):
-        low, high = result.ci
-    return ratio, float(low if low is not None else math.nan), float(high if high is not None else math.nan)
+    return [(r.ratio, r.low, r.high)
+            for r in interleaved_ratios(paths, batch=1, seq=128, threads=threads, seconds=seconds)]
 
 
 def tune(
