@@ -56,9 +56,11 @@ class ExportPass:
         task = _WITH_PAST.get(source.task, source.task) if config.use_past else source.task
         tasks = supported_tasks(source.model_type)
         if task not in tasks:
+            shown = source.task if task == source.task else f"{source.task} (exported as {task})"
             raise UnsupportedModelError(
-                f"unsupported model: optimum-onnx cannot export model_type {source.model_type!r} for task {task!r}"
-                + (f" (it supports: {', '.join(tasks)})" if tasks else "")
+                f"unsupported model: optimum-onnx cannot export model_type {source.model_type!r} for task {shown}"
+                + (f"; for {source.model_type} it supports: {', '.join(tasks)}" if tasks
+                   else "; it has no ONNX export config for this architecture")
             )
         ctx.progress(f"  exporting {source.model_type} for {task} with optimum-onnx")
         main_export(

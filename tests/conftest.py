@@ -43,3 +43,20 @@ def bundled_fp32(tmp_path_factory):
     from optpipe import optimize
 
     return optimize(None, target="cpu-fp32", output=tmp_path_factory.mktemp("bundled") / "fp32")
+
+
+# Architectures (issue 3): one tiny model per architecture and head, built once per session.
+@pytest.fixture(scope="session")
+def arch_dirs(tmp_path_factory):
+    """Lazily built model dirs by name: arch_dirs("gpt2"), arch_dirs("roberta-token-classification") ..."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            arch, _, head = name.partition("-")
+            builder = getattr(models, f"tiny_{arch}")
+            path = tmp_path_factory.mktemp(name) / "model"
+            built[name] = builder(path, head=head) if head else builder(path)
+        return built[name]
+
+    return get

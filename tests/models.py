@@ -28,10 +28,13 @@ def _spread_weights(model, std: float = 0.08) -> None:
                 param.normal_(0.0, std)
 
 
-def bert_tokenizer():
+def bert_tokenizer(segment_ids: bool = True):
+    """segment_ids=False: no token_type_ids, as DistilBERT's, RoBERTa's and generators' own tokenizers do."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(bundled_model_dir())
+    if segment_ids:
+        return AutoTokenizer.from_pretrained(bundled_model_dir())
+    return AutoTokenizer.from_pretrained(bundled_model_dir(), model_input_names=["input_ids", "attention_mask"])
 
 
 def tiny_bert(path: Path, head: str = "base", seed: int = 0) -> Path:
@@ -59,7 +62,7 @@ def _encoder(path: Path, config_cls: str, base: str, seq: str, tok: str, head: s
     import transformers
 
     torch.manual_seed(seed)
-    tokenizer = bert_tokenizer()
+    tokenizer = bert_tokenizer(segment_ids=False)
     config = getattr(transformers, config_cls)(vocab_size=tokenizer.vocab_size, num_labels=3, **kwargs)
     cls = {"base": base, "sequence-classification": seq, "token-classification": tok}[head]
     model = getattr(transformers, cls)(config)
@@ -124,7 +127,7 @@ def tiny_gpt2(path: Path, seed: int = 0, std: float = 0.05, steps: int = 30) -> 
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    tokenizer = bert_tokenizer()
+    tokenizer = bert_tokenizer(segment_ids=False)
     config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                         **_special_ids(tokenizer))
     return _generator(GPT2LMHeadModel(config), tokenizer, path, std, steps)
@@ -135,7 +138,7 @@ def tiny_llama(path: Path, seed: int = 0, std: float = 0.05, steps: int = 30) ->
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    tokenizer = bert_tokenizer()
+    tokenizer = bert_tokenizer(segment_ids=False)
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=False, **_special_ids(tokenizer))
@@ -147,7 +150,7 @@ def tiny_t5(path: Path, seed: int = 0, std: float = 0.05, steps: int = 30) -> Pa
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    tokenizer = bert_tokenizer()
+    tokenizer = bert_tokenizer(segment_ids=False)
     ids = _special_ids(tokenizer)
     config = T5Config(vocab_size=tokenizer.vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                       num_decoder_layers=2, num_heads=4, decoder_start_token_id=ids["pad_token_id"],
@@ -160,10 +163,20 @@ def tiny_bart(path: Path, seed: int = 0, std: float = 0.05, steps: int = 30) -> 
     from transformers import BartConfig, BartForConditionalGeneration
 
     torch.manual_seed(seed)
-    tokenizer = bert_tokenizer()
+    tokenizer = bert_tokenizer(segment_ids=False)
     ids = _special_ids(tokenizer)
     config = BartConfig(vocab_size=tokenizer.vocab_size, d_model=64, encoder_layers=2, decoder_layers=2,
                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
                         decoder_ffn_dim=128, max_position_embeddings=256, decoder_start_token_id=ids["eos_token_id"],
                         forced_eos_token_id=None, **ids)
     return _generator(BartForConditionalGeneration(config), tokenizer, path, std, steps)
+
+
+def tiny_ctrl(path: Path, seed: int = 0) -> Path:
+    """A 1-layer CTRL: a real Transformers causal LM that optimum-onnx 0.1.0 has no ONNX export config for."""
+    from transformers import CTRLConfig, CTRLLMHeadModel
+
+    torch.manual_seed(seed)
+    tokenizer = bert_tokenizer(segment_ids=False)
+    config = CTRLConfig(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2, dff=64, n_positions=64)
+    return _save(CTRLLMHeadModel(config), tokenizer, path)
