@@ -59,6 +59,17 @@ def graph_summary(files: ModelFiles) -> dict[str, Any]:
     return summary
 
 
+def compressed_size(files: ModelFiles) -> dict[str, Any]:
+    """gzip size of the ONNX files: zeroed (pruned) weights are a size win only once compressed."""
+    import gzip
+
+    total = 0
+    for file in sorted(files.path.iterdir()):
+        if file.suffix in (".onnx", ".onnx_data") or file.name.endswith(".onnx.data"):
+            total += len(gzip.compress(file.read_bytes(), compresslevel=6))
+    return {"onnx_gzip_bytes": total, "compression": "gzip level 6 of each ONNX file"}
+
+
 def build_manifest(source: ModelSource, target: Target, result: PipelineResult, staged: ModelFiles,
                    validation: ValidationResult, source_bytes: int) -> dict[str, Any]:
     return {
@@ -71,7 +82,8 @@ def build_manifest(source: ModelSource, target: Target, result: PipelineResult, 
         "passes": [record.__dict__ for record in result.steps],
         "components": list(staged.components),
         "graph": graph_summary(staged),
-        "size": {"source_bytes": source_bytes, "onnx_bytes": staged.onnx_bytes()},
+        "size": {"source_bytes": source_bytes, "onnx_bytes": staged.onnx_bytes(),
+                 **(compressed_size(staged) if any(r.name == "prune" for r in result.steps) else {})},
         "validation": validation.to_json(),
         "versions": {"python": platform.python_version(), **_package_versions()},
     }
@@ -90,11 +102,13 @@ def optimize(
     calibration: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     extra_manifest: dict[str, Any] | None = None,
+    bench: bool = False,
 ) -> Artifact:
     """Compile `model` (hub id, local dir, or None for the bundled MiniLM) for `target`; returns the Artifact.
 
     Nothing is written at `output` unless the artifact passed validation. `extra_manifest` adds top-level
-    sections to manifest.json (e.g. the candidate table of `optpipe tune`).
+    sections to manifest.json (e.g. the candidate table of `optpipe tune`). `bench=True` times the staged
+    artifact before publishing and records the figures under "bench".
     """
     say = progress or log.info
     resolved_target = resolve_target(target, overrides, pipeline)
@@ -128,6 +142,11 @@ def optimize(
                            and p.suffix in (".safetensors", ".bin"))
         manifest = {**build_manifest(source, resolved_target, result, staged, validation, source_bytes),
                     **(extra_manifest or {})}
+        if bench:
+            from optpipe.harness import bench_staged
+
+            say("timing the staged artifact (optpipe bench) ...")
+            manifest["bench"] = bench_staged(staging, staged.components, resolved_target)
         artifact = publish(staging, dest, manifest, overwrite)
         say(f"published {dest}")
         return artifact

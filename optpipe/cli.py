@@ -53,6 +53,11 @@ def print_summary(artifact) -> None:
     status = f"deferred ({v['deferred']})" if v.get("deferred") else ("passed" if v["passed"] else "FAILED")
     print(f"validation ({v['texts']} texts, {v['provider']}): {figures}  [{limits}]  {status}")
     print(f"size: {_mb(m['size']['source_bytes'])} (PyTorch weights) -> {_mb(m['size']['onnx_bytes'])} (ONNX)")
+    for row in m.get("bench", {}).get("rows", []):
+        print(f"bench ({row['providers'][0]}, {row['workload']} bs {row['batch']} seq {row['seq']}): p50 "
+              f"{row['p50_ms']:.3f} ms, p90 {row['p90_ms']:.3f} ms, {row['sequences_per_s']:.1f} seq/s")
+    if m.get("bench", {}).get("skipped"):
+        print(f"bench skipped: {m['bench']['skipped']}")
     print(f"artifact: {artifact.path}")
 
 
@@ -61,7 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     artifact = optimize(args.model, target=args.target, output=args.output, task=args.task,
                         overrides=args.set or (), pipeline=args.pipeline, overwrite=args.overwrite,
-                        use_cache=not args.no_cache, calibration=args.calibration, progress=say)
+                        use_cache=not args.no_cache, calibration=args.calibration, progress=say,
+                        bench=args.bench)
     print_summary(artifact)
     return 0
 
@@ -103,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calibration", help="calibration texts (.txt, .jsonl with 'text', .csv with a 'text' column)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     run.add_argument("--no-cache", action="store_true", help="do not reuse or store pass outputs")
+    run.add_argument("--bench", action="store_true", help="time the artifact (optpipe bench) into its manifest")
 
     sub.add_parser("targets", help="list the targets and their recipes").set_defaults(handler=cmd_targets)
     cache = sub.add_parser("cache", help="show or clear the pass cache")

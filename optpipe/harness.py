@@ -234,3 +234,23 @@ def compare(a: str | Path, b: str | Path, *, batch: int = 1, seq: int = 128, thr
     """Latency of B / latency of A, interleaved, with a 95% interval (`.verdict()` says faster/slower/no
     difference detected)."""
     return interleaved_ratios([Path(a), Path(b)], batch=batch, seq=seq, threads=threads, seconds=seconds)[1]
+
+
+def bench_staged(directory: Path, components: list[str] | tuple[str, ...], target, *, threads: int | None = None,
+                 seconds: float = 3.0) -> dict[str, Any]:
+    """Figures for `optpipe run --bench`, taken on the staged files before they are published (so the publish
+    stays one atomic rename). Shapes come from the target's [harness] table (default bs 1, seq 128)."""
+    from optpipe.session import provider_problem
+
+    problem = provider_problem(target.provider)
+    if problem:  # e.g. a GPU target built on a CPU machine: the artifact is still published, unmeasured
+        return {"skipped": problem}
+    before = _rss_mb()
+    sessions = {c: target_session(directory / c, target, threads=threads, spinning=False, artifact_dir=directory)
+                for c in components}
+    model = Measured(directory, target.name, sessions, tuple(next(iter(sessions.values())).get_providers()),
+                     _rss_mb() - before)
+    result = bench([model], target.harness.get("batch_sizes", [1]), target.harness.get("sequence_lengths", [128]),
+                   threads=threads, seconds=seconds)
+    rows = [{k: v for k, v in asdict(r).items() if k not in ("artifact", "ratio", "target")} for r in result.rows]
+    return {"rows": rows, "machine": result.machine, "settings": result.settings}

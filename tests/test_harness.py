@@ -1,0 +1,136 @@
+"""optpipe bench / compare and the harness on real tiny artifacts and sessions (figures are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from optpipe import bench, compare
+from optpipe.harness import interleaved_ratios, open_artifact
+from optpipe.harness_inputs import token_stream, workloads
+from optpipe.harness_stats import paired_ratio
+from optpipe.slowdown import slowed_copy
+from tests.test_cli import assert_one_line_error, optpipe
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tiny_bert_dir, tmp_path_factory):
+    from optpipe import optimize
+
+    return optimize(str(tiny_bert_dir), "cpu-fp32", tmp_path_factory.mktemp("harness") / "fp32").path
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tiny_bert_dir, tmp_path_factory):
+    from optpipe import optimize
+
+    return optimize(str(tiny_bert_dir), "cpu-int8", tmp_path_factory.mktemp("harness") / "int8").path
+
+
+@pytest.fixture(scope="module")
+def tiny_slow(tiny_fp32, tmp_path_factory):
+    """The same model with ~170 MFLOP of injected MatMul work: several times slower at seq 64."""
+    return slowed_copy(tiny_fp32, tmp_path_factory.mktemp("harness") / "slow", matmuls=40)
+
+
+def test_bench_rows_have_every_figure(tiny_fp32, tiny_int8):
+    result = bench([tiny_fp32, tiny_int8], [1, 2], [16], threads=1, runs=20)
+    assert [(r.target, r.batch) for r in result.rows] == [("cpu-fp32", 1), ("cpu-int8", 1), ("cpu-fp32", 2),
+                                                          ("cpu-int8", 2)]
+    for row in result.rows:
+        assert row.workload == "forward" and row.seq == 16 and row.runs == 20
+        assert 0 < row.p50_ms <= row.p90_ms <= row.p99_ms
+        assert row.sequences_per_s == pytest.approx(row.batch * 1e3 / row.p50_ms, rel=1e-3)
+        assert row.providers[0] == "CPUExecutionProvider" and row.memory_mb >= 0
+        assert row.ratio.low <= row.ratio.ratio <= row.ratio.high and row.ratio.rounds == 20
+    assert result.rows[0].ratio.ratio == 1.0  # the first artifact is the reference
+    assert result.machine["cores"] >= 1 and result.settings["interleaved"] and not result.settings["spinning"]
+
+
+def test_inputs_are_real_tokens_with_padding(tiny_fp32):
+    from transformers import AutoTokenizer
+
+    model = open_artifact(tiny_fp32, threads=1)
+    [work] = workloads(tiny_fp32, model.sessions, 3, 24)
+    ids, mask = work.feed["input_ids"], work.feed["attention_mask"]
+    assert ids.shape == mask.shape == work.feed["token_type_ids"].shape == (3, 24)
+    assert mask[0].all() and mask[1:].sum(1).min() < 24  # later rows are padded, as a batch of texts is
+    assert (ids[mask == 0] == 0).all()
+    text = AutoTokenizer.from_pretrained(tiny_fp32).decode(ids[0])
+    assert "[UNK]" not in text and len(text.split()) > 10
+    assert np.isin(ids[mask == 1], token_stream(str(tiny_fp32))).all()
+
+
+def test_decoder_prefill_and_decode_are_both_measured(arch_dirs, tmp_path):
+    from optpipe import optimize
+
+    art = optimize(str(arch_dirs("gpt2")), "cpu-fp32", tmp_path / "gpt2", pipeline="export")
+    model = open_artifact(art.path, threads=1)
+    prefill, decode = workloads(art.path, model.sessions, 2, 12)
+    assert (prefill.name, decode.name) == ("prefill", "decode")
+    assert prefill.feed["input_ids"].shape == (2, 12) and prefill.feed["past_key_values.0.key"].shape[2] == 0
+    assert decode.feed["input_ids"].shape == (2, 1) and decode.feed["past_key_values.0.key"].shape[2] == 12
+    assert decode.feed["attention_mask"].shape == (2, 13)
+    rows = bench([art.path], [2], [12], threads=1, runs=3).rows
+    assert [r.workload for r in rows] == ["prefill", "decode"]
+
+
+def test_interleaved_ratios_see_an_injected_slowdown(tiny_fp32, tiny_slow):
+    same, slow = interleaved_ratios([tiny_fp32, tiny_fp32, tiny_slow], seq=64, threads=1, seconds=3)[1:]
+    assert slow.low > 1.5 and slow.verdict() == "slower"
+    assert same.low < 1.5 < slow.low
+    assert compare(tiny_slow, tiny_fp32, seq=64, threads=1, seconds=2).verdict() == "faster"
+
+
+def test_slowed_copy_keeps_the_outputs(tiny_fp32, tiny_slow):
+    a, b = open_artifact(tiny_fp32, threads=1), open_artifact(tiny_slow, threads=1)
+    [work] = workloads(tiny_fp32, a.sessions, 2, 16)
+    out_a = a.sessions["model.onnx"].run(None, work.feed)[0]
+    out_b = b.sessions["model.onnx"].run(None, work.feed)[0]
+    assert np.array_equal(out_a, out_b)
+
+
+def test_paired_ratio_interval_covers_a_known_ratio():
+    rng = np.random.default_rng(1)
+    drift = np.exp(rng.normal(0, 0.3, 400))  # common-mode machine drift, cancelled by pairing
+    ref = 10.0 * drift * np.exp(rng.normal(0, 0.05, 400))
+    other = 12.0 * drift * np.exp(rng.normal(0, 0.05, 400))
+    r = paired_ratio(ref, other)
+    assert r.low < 1.2 < r.high and r.high - r.low < 0.05
+
+
+def test_bench_cli_table_and_json(tiny_fp32, tiny_int8, tmp_path):
+    out = tmp_path / "bench.json"
+    result = optpipe("bench", str(tiny_fp32), str(tiny_int8), "--batch", "1,2", "--seq", "8", "--runs", "5",
+                     "--threads", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "p50 ms" in result.stdout and "fp32" in result.stdout and "1.000 [1.000, 1.000]" in result.stdout
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 4 and data["machine"]["cpu"]
+
+
+def test_compare_cli_verdict(tiny_fp32, tiny_slow):
+    result = optpipe("compare", str(tiny_fp32), str(tiny_slow), "--seq", "64", "--threads", "1", "--seconds", "2")
+    assert result.returncode == 0, result.stderr
+    assert "verdict: slow is slower" in result.stdout and "95% interval" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["bench", "compare"])
+def test_not_an_artifact_is_one_line(command, tiny_fp32, tmp_path):
+    args = [str(tmp_path)] if command == "bench" else [str(tiny_fp32), str(tmp_path)]
+    assert_one_line_error(optpipe(command, *args), "is not an optpipe artifact")
+
+
+def test_bad_grid_is_one_line(tiny_fp32):
+    assert_one_line_error(optpipe("bench", str(tiny_fp32), "--batch", "1,x"), "comma-separated")
+
+
+def test_run_bench_records_figures_in_the_manifest(tiny_bert_dir, tmp_path):
+    result = optpipe("run", str(tiny_bert_dir), "-t", "cpu-fp32", "-o", str(tmp_path / "a"), "--bench",
+                     "--set", "harness.sequence_lengths=[16]")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "a" / "manifest.json").read_text())["bench"]["rows"]
+    assert rows[0]["seq"] == 16 and rows[0]["p50_ms"] > 0 and rows[0]["providers"] == ["CPUExecutionProvider"]
+    assert "bench (CPUExecutionProvider, forward bs 1 seq 16)" in result.stdout
