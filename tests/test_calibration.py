@@ -105,7 +105,6 @@ def test_batches_cycle_sequence_lengths_and_feed_graph_inputs(tiny_bert_dir, tmp
 @pytest.mark.parametrize("content,suffix,spec_suffix,fragment", [
     ("", ".txt", "", "has no texts"),
     ("id,body\n1,hello\n", ".csv", ":review", "no column 'review'"),
-    (b"\xff\xfe\x00bad", ".txt", "", "not UTF-8"),
 ])
 def test_cli_bad_calibration_file_fails_before_any_work(tiny_bert_dir, tmp_path, content, suffix, spec_suffix,
                                                          fragment):

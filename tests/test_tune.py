@@ -19,7 +19,7 @@ STATUSES = {"winner", "accepted", "rejected", "not evaluated", "failed"}
 
 @pytest.fixture(scope="module")
 def tuned(tiny_bert_dir, tmp_path_factory):
-    return tune(str(tiny_bert_dir), max_loss=0.01, output=tmp_path_factory.mktemp("tune") / "tiny", seconds=2)
+    return tune(str(tiny_bert_dir), max_loss=0.01, output=tmp_path_factory.mktemp("tune") / "tiny", seconds=1)
 
 
 def test_every_candidate_is_in_the_table_with_a_verdict(tuned):
@@ -106,13 +106,9 @@ def test_eval_file_errors(classifier_dir, tiny_bert_dir, tmp_path):
 
 def test_cli_prints_the_table_and_errors_in_one_line(tuned, tiny_bert_dir, tmp_path):
     # the fixture filled the pass cache: the CLI rebuilds nothing, it re-times and re-scores
-    result = optpipe("tune", str(tiny_bert_dir), "--seconds", "1", "-o", str(tmp_path / "cli"))
+    result = optpipe("tune", str(tiny_bert_dir), "--seconds", "0.5", "-o", str(tmp_path / "cli"))
     assert result.returncode == 0, result.stderr
     assert "latency/fp32" in result.stdout and "winner:" in result.stdout and "cpu-int8-tuned" in result.stdout
     assert (tmp_path / "cli" / "manifest.json").is_file()
     missing = optpipe("tune", str(tiny_bert_dir), "--eval", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "x"))
     assert_one_line_error(missing, "does not exist")
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    assert_one_line_error(optpipe("tune", str(tiny_bert_dir), "--calibration", str(empty), "-o", str(tmp_path / "y")),
-                          "has no texts")
