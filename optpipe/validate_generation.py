@@ -23,8 +23,13 @@ def _ort_model(run, cls_name: str):
     import optimum.onnxruntime as ort_models
 
     cls = getattr(ort_models, cls_name)
-    return cls.from_pretrained(run.files.path, use_cache=True, provider=run.extra.get("provider", "CPUExecutionProvider"),
-                               provider_options=run.extra.get("provider_options") or None)
+    kwargs: dict[str, Any] = {}
+    if cls_name == "ORTModelForSeq2SeqLM":
+        # the export pass keeps the two plain decoders (see passes/export.py); say so rather than let Optimum search
+        kwargs["use_merged"] = (run.files.path / "decoder_model_merged.onnx").is_file()
+    provider = run.extra.get("provider", "CPUExecutionProvider")
+    return cls.from_pretrained(run.files.path, use_cache=True, provider=provider,
+                               provider_options=run.extra.get("provider_options") or None, **kwargs)
 
 
 def _greedy_kwargs(tokenizer) -> dict[str, Any]:

@@ -156,6 +156,41 @@ def integer_op_counts(model) -> dict[str, int]:
     return counts
 
 
+# Ops that are themselves an integer computation (dynamic / QOperator); QDQ graphs count DQ-fed MatMuls instead.
+_INTEGER_COMPUTE = {"MatMulInteger", "QAttention", "QGemm", "QLinearMatMul", "QLinearConv", "ConvInteger",
+                    "QEmbedLayerNormalization", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "GatherBlockQuantized"}
+
+
+def quantized_node_count(model) -> int:
+    """Nodes computing on int8 weights: integer ops, plus MatMul/Gemm whose weight comes from a DequantizeLinear."""
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type in _INTEGER_COMPUTE:
+            count += 1
+        elif node.op_type in ("MatMul", "Gemm") and producers.get(node.input[1]) == "DequantizeLinear":
+            count += 1
+    return count
+
+
+def float_matmuls(model, excluded: dict[str, str]) -> dict[str, int]:
+    """Why each MatMul/Gemm left in float stayed there, counted by reason (onnxruntime only logs it)."""
+    initializers = {init.name for init in model.graph.initializer}
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    reasons: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or producers.get(node.input[1]) == "DequantizeLinear":
+            continue
+        if node.name in excluded:
+            why = f"kept float: {excluded[node.name]}"
+        elif node.input[1] not in initializers and producers.get(node.input[1]) != "Constant":
+            why = "both inputs are activations (attention scores, or a weight behind a Transpose: tied lm_head)"
+        else:
+            why = "not selected by onnxruntime's quantizer"
+        reasons[why] = reasons.get(why, 0) + 1
+    return reasons
+
+
 class QuantizePass:
     name = "quantize"
     consumes = "onnx"
@@ -185,7 +220,8 @@ class QuantizePass:
                 entry.update(static)
                 stamp_kept_float(dst, excluded)
             out = onnx.load(str(dst), load_external_data=False)
-            entry.update({"integer_ops": integer_op_counts(out), "kept_float": excluded})
+            entry.update({"integer_ops": integer_op_counts(out), "kept_float": excluded,
+                          "quantized_nodes": quantized_node_count(out), "float_matmuls": float_matmuls(out, excluded)})
         copy_aux_files(files.path, ctx.out_dir)
         return PassResult(ModelFiles(ctx.out_dir, "onnx", files.components), report)
 
