@@ -112,11 +112,11 @@ def _base_target(max_loss: float, fidelity_metric: str | None) -> Target:
 
 
 def _build(recipe_specs: list[PassSpec], source: ModelSource, target: Target, workdir: Path, use_cache: bool,
-           calibration: Path | None, say: Callable[[str], None]):
+           calibration: Path | None):
     from optpipe.passes import PASSES
 
-    return Pipeline(recipe_specs, PASSES).run(source, target, workdir, lambda m: log.debug(m),
-                                              use_cache=use_cache, calibration=calibration)
+    return Pipeline(recipe_specs, PASSES).run(source, target, workdir, log.debug, use_cache=use_cache,
+                                              calibration=calibration)
 
 
 def _ratios(paths: list[Path], seconds: float, threads: int | None) -> list[tuple[float, float, float]]:
@@ -144,7 +144,7 @@ def tune(
 ) -> TuneResult:
     """Publish the fastest candidate recipe whose loss vs the PyTorch model (or on `eval_file`) is <= max_loss."""
     from optpipe.api import _check_calibration, default_output, optimize
-    from optpipe.tune_eval import accuracy_scorer, fidelity_scorer
+    from optpipe.tune_eval import accuracy_scorer, fidelity_metric, fidelity_scorer
 
     say = progress or log.info
     if not 0.0 <= max_loss < 1.0:
@@ -152,7 +152,7 @@ def tune(
     calibration_path, column = _check_calibration(calibration)
     source = resolve_source(str(model) if model is not None else None, task)
     scorer = accuracy_scorer(source, eval_file) if eval_file else None
-    target = _base_target(max_loss, None if scorer else _fidelity_metric(source.task))
+    target = _base_target(max_loss, None if scorer else fidelity_metric(source.task))
     scorer = scorer or fidelity_scorer(source, target)
     dest = Path(output) if output is not None else default_output(source, target)
     dest = dest.expanduser().resolve()
@@ -165,7 +165,7 @@ def tune(
     workdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tune-", dir=dest.parent))
     try:
         reference = _build([PassSpec("export"), PassSpec("fuse", {"flavor": "cpu"})], source, target, workdir,
-                           use_cache, calibration_path, say)
+                           use_cache, calibration_path)
         built, failed = _build_all(pending, source, target, workdir, use_cache, calibration_path, say)
         say(f"timing fp32 and {len(built)} candidates interleaved ({seconds:.0f} s, batch 1, 128 tokens) ...")
         paths = [reference.files.path / reference.files.components[0]]
@@ -194,12 +194,6 @@ def tune(
     return TuneResult(artifact, tuple(candidates), max_loss, scorer.metric, scorer.baseline, tuning["timing"])
 
 
-def _fidelity_metric(task: str) -> str:
-    from optpipe.tune_eval import _fidelity_metric as metric
-
-    return metric(task)
-
-
 def _build_all(pending: list[Recipe], source, target, workdir, use_cache, calibration, say):
     built: list[tuple[Recipe, ModelFiles]] = []
     failed: list[Candidate] = []
@@ -208,7 +202,7 @@ def _build_all(pending: list[Recipe], source, target, workdir, use_cache, calibr
         recipe = queue.pop(0)
         say(f"  building: {recipe.label} [{recipe.pipeline}]")
         try:
-            result = _build(recipe.specs, source, target, workdir, use_cache, calibration, say)
+            result = _build(recipe.specs, source, target, workdir, use_cache, calibration)
         except OptpipeError as exc:
             failed.append(Candidate(recipe.label, recipe.pipeline, "failed", f"build failed: {exc}"))
             continue

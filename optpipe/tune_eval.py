@@ -44,11 +44,11 @@ def fidelity_scorer(source: ModelSource, target: Any) -> Scorer:
                 return float(metrics[key])
         raise UnsupportedModelError(f"no fidelity metric for task {source.task!r} (metrics: {', '.join(metrics)})")
 
-    return Scorer(_fidelity_metric(source.task), 1.0, score,
-                  f"1 - {_fidelity_metric(source.task)} vs PyTorch on the validation texts")
+    return Scorer(fidelity_metric(source.task), 1.0, score,
+                  f"1 - {fidelity_metric(source.task)} vs PyTorch on the validation texts")
 
 
-def _fidelity_metric(task: str) -> str:
+def fidelity_metric(task: str) -> str:
     if task == "feature-extraction":
         return "mean_cosine"
     if task in ("text-classification", "token-classification"):
