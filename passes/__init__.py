@@ -5,6 +5,7 @@ from __future__ import annotations
 from optpipe.passes.export import ExportPass
 from optpipe.passes.fp16 import Fp16Pass
 from optpipe.passes.fuse import FusePass
+from optpipe.passes.prune import PrunePass
 from optpipe.passes.quantize import QuantizePass
 
-PASSES: dict[str, type] = {cls.name: cls for cls in (ExportPass, FusePass, QuantizePass, Fp16Pass)}
+PASSES: dict[str, type] = {cls.name: cls for cls in (ExportPass, FusePass, QuantizePass, Fp16Pass, PrunePass)}
