@@ -10,7 +10,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from optpipe.tune import format_table, tune
 
     result = tune(args.model, max_loss=args.max_loss, output=args.output, eval_file=args.eval, task=args.task,
-                  calibration=args.calibration, seconds=args.seconds, threads=args.threads,
+                  calibration=args.calibration, seconds=args.seconds, threads=args.threads, score_all=not args.quick,
                   overwrite=args.overwrite, use_cache=not args.no_cache, progress=say)
     print(f"\ncandidates (loss budget {result.max_loss}; latency relative to fp32, 95% interval; "
           f"loss: {result.artifact.manifest['tuning']['loss']})")
@@ -38,5 +38,7 @@ def add_tune_parser(sub) -> None:
     tune.add_argument("--seconds", type=float, default=30.0,
                       help="length of the interleaved timing run over all candidates (default 30)")
     tune.add_argument("--threads", type=int, default=None, help="intra-op threads for timing (default: ORT's)")
+    tune.add_argument("--quick", action="store_true",
+                      help="do not score the candidates slower than the winner (their loss stays blank)")
     tune.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     tune.add_argument("--no-cache", action="store_true", help="do not reuse or store pass outputs")

@@ -138,11 +138,15 @@ def tune(
     seconds: float = 30.0,
     threads: int | None = None,
     recipes: list[Recipe] | None = None,
+    score_all: bool = True,
     overwrite: bool = False,
     use_cache: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> TuneResult:
-    """Publish the fastest candidate recipe whose loss vs the PyTorch model (or on `eval_file`) is <= max_loss."""
+    """Publish the fastest candidate recipe whose loss vs the PyTorch model (or on `eval_file`) is <= max_loss.
+
+    score_all=False leaves the loss of candidates slower than the winner unmeasured (the search never needs it).
+    """
     from optpipe.api import _check_calibration, default_output, optimize
     from optpipe.tune_eval import accuracy_scorer, fidelity_metric, fidelity_scorer
 
@@ -171,7 +175,7 @@ def tune(
         paths = [reference.files.path / reference.files.components[0]]
         paths += [files.path / files.components[0] for _, files in built]
         ratios = _ratios(paths, seconds, threads)[1:]
-        candidates = _search(built, ratios, scorer, max_loss, say) + failed
+        candidates = _search(built, ratios, scorer, max_loss, say, score_all) + failed
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     table = [c.to_json() for c in candidates]
@@ -242,8 +246,9 @@ def _nc_recipe_config():
     return RecipeConfig
 
 
-def _search(built, ratios, scorer, max_loss: float, say) -> list[Candidate]:
-    """neural-compressor's tuning loop over the built candidates, fastest first."""
+def _search(built, ratios, scorer, max_loss: float, say, score_all: bool = True) -> list[Candidate]:
+    """neural-compressor's tuning loop over the built candidates, fastest first; then, for a complete table,
+    the loss of the slower candidates the loop did not need (unless `score_all` is false)."""
     nc_logger = logging.getLogger("neural_compressor")
     level = nc_logger.level
     from neural_compressor.common.base_tuning import Evaluator, TuningConfig, init_tuning
@@ -274,6 +279,12 @@ def _search(built, ratios, scorer, max_loss: float, say) -> list[Candidate]:
     tuning_logger.tuning_end()
     goal = scorer.baseline * (1 - max_loss)
     winner = next((r.quant_config.recipe for r in monitor.tuning_history if r.trial_result >= goal), None)
+    searched = set(scored)
+    if score_all:
+        for index in order:
+            recipe, files = built[index]
+            if recipe.pipeline not in scored:
+                scored[recipe.pipeline] = scorer.score(files)
     rows = []
     for index in order:
         recipe, files = built[index]
@@ -285,9 +296,11 @@ def _search(built, ratios, scorer, max_loss: float, say) -> list[Candidate]:
         elif recipe.pipeline == winner:
             status, why = "winner", f"fastest within the budget (loss {loss:.4f} <= {max_loss})"
         elif value >= goal:
-            status, why = "accepted", "within the budget"
+            status, why = "accepted", "within the budget, slower than the winner"
         else:
             status, why = "rejected", f"loss {loss:.4f} > budget {max_loss}"
+        if value is not None and recipe.pipeline not in searched:
+            why += " (scored after the search, for the table)"
         rows.append(Candidate(recipe.label, recipe.pipeline, status, why, round(ratio, 4), round(low, 4),
                               round(high, 4), loss, None if value is None else round(value, 6), files.onnx_bytes()))
     return rows

@@ -38,15 +38,17 @@ def test_every_candidate_is_in_the_table_with_a_verdict(tuned):
 def test_winner_is_the_fastest_candidate_within_budget(tuned):
     winner = tuned.winner
     assert winner.loss is not None and winner.loss <= 0.01
-    evaluated = [c for c in tuned.candidates if c.loss is not None]
-    for c in evaluated:
+    # the full table: every candidate has a measured loss, and the verdict follows from it
+    for c in tuned.candidates:
+        assert c.loss is not None and c.score is not None
         assert (c.status == "rejected") == (c.loss > 0.01)
-    # fastest first: everything measured faster than the winner was evaluated and rejected
+        assert c.loss == pytest.approx(1 - c.score, abs=1e-6)
+    # fastest first: everything measured faster than the winner was rejected, every other accepted one is slower
     for c in tuned.candidates:
         if c.latency_ratio < winner.latency_ratio:
             assert c.status == "rejected"
-        if c.status == "not evaluated":
-            assert c.latency_ratio >= winner.latency_ratio
+        if c.status == "accepted":
+            assert c.latency_ratio >= winner.latency_ratio and "slower than the winner" in c.why
 
 
 def test_winner_is_published_like_run(tuned):
@@ -63,6 +65,17 @@ def test_impossible_budget_publishes_nothing(tiny_bert_dir, tmp_path):
     with pytest.raises(TuningFailedError, match="no candidate recipe is within --max-loss 0.0"):
         tune(str(tiny_bert_dir), max_loss=0.0, output=tmp_path / "none", seconds=0.5, recipes=few)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quick_leaves_slower_candidates_unscored(tiny_bert_dir, tmp_path):
+    few = [Recipe("dynamic", True, {"mode": "dynamic"}), Recipe("dynamic, unfused", False, {"mode": "dynamic"})]
+    result = tune(str(tiny_bert_dir), max_loss=0.05, output=tmp_path / "quick", seconds=0.5, recipes=few,
+                  score_all=False)
+    (other,) = [c for c in result.candidates if c.status != "winner"]
+    if other.latency_ratio >= result.winner.latency_ratio:  # the winner met the budget first: never scored
+        assert other.status == "not evaluated" and other.loss is None
+    else:  # measured faster, so the search scored it first, and it missed the budget
+        assert other.status == "rejected" and other.loss > 0.05
 
 
 @pytest.fixture(scope="module")
