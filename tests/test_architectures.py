@@ -44,6 +44,12 @@ def _assert_quantized_everywhere(artifact: Artifact) -> None:
     for component, (fused, quantized) in _component_facts(artifact).items():
         on_disk = {n.op_type for n in onnx.load(str(artifact.path / component)).graph.node}
         assert quantized["integer_ops"].get("MatMulInteger", 0) > 0, component
+        assert quantized["quantized_nodes"] >= quantized["integer_ops"]["MatMulInteger"], component
+        # every MatMul left in float is accounted for with a reason
+        nodes = onnx.load(str(artifact.path / component)).graph.node
+        dequantized = {out for n in nodes if n.op_type == "DequantizeLinear" for out in n.output}
+        float_count = sum(1 for n in nodes if n.op_type in ("MatMul", "Gemm") and n.input[1] not in dequantized)
+        assert sum(quantized["float_matmuls"].values()) == float_count, component
         assert "MatMulInteger" in on_disk, component
         graph = artifact.manifest["graph"][component]
         assert graph["integer_ops"] == {k: v for k, v in quantized["integer_ops"].items() if k in graph["integer_ops"]}
@@ -166,6 +172,20 @@ def test_fp32_greedy_generation_equals_pytorch(artifacts, arch_dirs, name):
         got = model.generate(**enc, **kwargs)
         assert got.tolist() == expected.tolist()
         assert len(set(expected[0, -12:].tolist())) > 1  # not one token repeated: the model is not degenerate
+
+
+def test_supported_tasks_in_a_fresh_process():
+    """optimum fills its task registry only when its ONNX configs are imported: the check must not depend on
+    another import having done it first."""
+    import subprocess
+    import sys
+
+    code = ("from optpipe.passes.export import supported_tasks; "
+            "print(','.join(supported_tasks('distilbert')), '|', ','.join(supported_tasks('ctrl')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
+    supported, unsupported = out.strip().split("|")
+    assert "text-classification" in supported and "token-classification" in supported
+    assert unsupported.strip() == ""
 
 
 def test_unsupported_architecture_is_a_one_line_error(arch_dirs, tmp_path):
