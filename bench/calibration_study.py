@@ -81,18 +81,24 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--probe", type=int, default=40, help="MatMuls in the calibration probe")
     parser.add_argument("--calibrate-seconds", type=float, default=30.0)
+    parser.add_argument("--chains", help="NAME=K,... : use these MatMul chain lengths instead of calibrating "
+                                         "(e.g. +5%%=29 from an earlier run's measured effect); no A/A checks "
+                                         "unless --checks > 0")
     parser.add_argument("--out", type=Path, default=Path("bench/results/calibration.json"))
     args = parser.parse_args()
     slow_checks = args.checks if args.slow_checks is None else args.slow_checks
     started = dt.datetime.now(dt.timezone.utc)
     work = Path(tempfile.mkdtemp(prefix="optpipe-calibration-"))
-    per_matmul = calibrate(args.artifact, work, args.probe, args)
-    variants = {"A/A": args.artifact}
+    variants = {"A/A": args.artifact} if args.checks else {}
     chains = {}
-    for fraction in (0.05, 0.10):
-        k = max(1, math.ceil(fraction / per_matmul - 0.5))
-        chains[f"+{fraction:.0%}"] = k
-        variants[f"+{fraction:.0%}"] = slowed_copy(args.artifact, work / f"slow{int(fraction * 100)}", k)
+    if args.chains:
+        per_matmul = float("nan")
+        chains = {name: int(k) for name, _, k in (item.partition("=") for item in args.chains.split(","))}
+    else:
+        per_matmul = calibrate(args.artifact, work, args.probe, args)
+        chains = {f"+{f:.0%}": max(1, math.ceil(f / per_matmul - 0.5)) for f in (0.05, 0.10)}
+    for name, k in chains.items():
+        variants[name] = slowed_copy(args.artifact, work / f"slow{k}", k)
     print(f"one MatMul = {per_matmul:.4%} of the model; chains: {chains}", flush=True)
     baseline = work / "baseline.json"
     record_baseline(args.artifact, baseline, batch=args.batch, seq=args.seq, threads=args.threads,
