@@ -46,7 +46,7 @@ class PruneConfig:
     min_fidelity: float = 0.0
     # a candidate is distilled only if refit left it within this much of the floor (distillation costs minutes)
     distill_reach: float = 0.1
-    time_budget_s: float = 600.0  # all candidates' recovery together
+    time_budget_s: float = 600.0  # distillation across all candidates (prune and refit are not cut short)
     seed: int = 0
 
     def check(self) -> None:
