@@ -144,3 +144,9 @@ def test_structured_on_unsupported_architecture_is_one_line(tmp_path):
     assert "\n" not in str(info.value)
     result = _prune(ctrl, tmp_path, granularity="unstructured", sparsity=0.3)  # unstructured works everywhere
     assert abs(result.report["sparsity"] - 0.3) <= 0.01
+
+
+def test_refit_is_skipped_when_no_ffn_neuron_was_removed(tiny_bert_dir, tmp_path):
+    result = _prune(tiny_bert_dir, tmp_path, sparsity=0.0, heads=1, recovery=("refit",))
+    assert result.report["ffn_width"] == [128, 128]
+    assert result.report["stages"][1] == {"stage": "refit", "skipped": "no FFN neuron removed"}
