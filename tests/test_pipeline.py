@@ -23,7 +23,9 @@ def test_unknown_pass_and_option():
         Pipeline(parse_pipeline("export,quantize{mode=fancy}"), PASSES)
 
 
-def test_changing_the_last_pass_reuses_the_cache(tiny_bert_dir, tmp_path):
+def test_changing_the_last_pass_reuses_the_cache(tiny_bert_dir, tmp_path, monkeypatch):
+    # A cache of its own: other tests build the same model with the same override.
+    monkeypatch.setenv("OPTPIPE_CACHE", str(tmp_path / "cache"))
     first = optimize(str(tiny_bert_dir), "cpu-int8", tmp_path / "a")
     second = optimize(str(tiny_bert_dir), "cpu-int8", tmp_path / "b", overrides=["quantize.per_channel=false"])
     cached = {p["name"]: p["cached"] for p in second.manifest["passes"]}
