@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -151,6 +152,21 @@ def _package_versions() -> dict[str, str]:
     return versions
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """Hash of optpipe's own source (the passes and the helpers they call): a cached pass output is only reused by
+    the code that wrote it. Package versions alone miss edits to an installed-editable checkout."""
+    import optpipe
+    import optpipe.passes
+
+    digest = hashlib.sha256()
+    for package in (optpipe, optpipe.passes):
+        for path in sorted(Path(package.__file__).parent.glob("*.py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 class Pipeline:
     """Runs passes in order. Each pass writes a fresh directory; outputs are cached by content-derived keys."""
 
@@ -183,6 +199,7 @@ class Pipeline:
             "pass": pass_cls.name,
             "config": config_json(config),
             "versions": versions,
+            "code": code_fingerprint(),
             "target": target_name if getattr(pass_cls, "target_dependent", False) else None,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

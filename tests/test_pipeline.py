@@ -41,3 +41,14 @@ def test_pipeline_text_replaces_the_recipe(tiny_bert_dir, tmp_path):
     assert art.manifest["pipeline"] == "export,quantize{per_channel=false}"
     assert [p["name"] for p in art.manifest["passes"]] == ["export", "quantize"]
     assert art.manifest["graph"]["model.onnx"]["integer_ops"]
+
+
+def test_cache_key_changes_with_the_code(monkeypatch):
+    from optpipe import pipeline
+    from optpipe.passes.quantize import QuantizePass
+
+    pipe = Pipeline(parse_pipeline("export,quantize"), PASSES)
+    config = pipe.steps[1][1]
+    before = pipe._key("input", QuantizePass, config, "cpu-int8", {})
+    monkeypatch.setattr(pipeline, "code_fingerprint", lambda: "edited")
+    assert pipe._key("input", QuantizePass, config, "cpu-int8", {}) != before
