@@ -150,8 +150,11 @@ def check_graph(files: ModelFiles, target) -> GraphCheck:
                 op_types = tuple(config.op_types) or ("MatMul",)
                 # the recipe's roles, plus what the pass decided at run time (sensitivity fallbacks)
                 kept = tuple(float_exclusions(model, config)) + tuple(recorded_kept_float(model))
-                comp["qdq"], found = check_qdq(model, component, op_types, config.activation_symmetric,
-                                               config.weight_symmetric, kept)
+                # Only TensorRT rejects non-symmetric zero points; ORT's CPU/CUDA QDQ kernels take any, and a CPU
+                # recipe over all op types dequantizes constants (LayerNorm biases) as uint8 activations.
+                trt = target.provider == "TensorrtExecutionProvider"
+                comp["qdq"], found = check_qdq(model, component, op_types, trt and config.activation_symmetric,
+                                               trt and config.weight_symmetric, kept)
                 failures += found
         if target.provider == "TensorrtExecutionProvider":
             contrib = non_standard_ops(model)

@@ -64,33 +64,44 @@ def _greedy_match(generate_ref, generate_out, prompts: list[dict[str, Any]]) -> 
     return {"greedy_match": exact / len(prompts), "greedy_token_agreement": tokens_equal / tokens}
 
 
-def text_generation(run) -> dict[str, float]:
-    """Causal LM: next-token top-1 over every non-pad position of the validation texts, then greedy generation."""
+def _compare(run, model, ort_model, tokenizer, forward_inputs, prompt_args: dict[str, Any]) -> dict[str, float]:
+    """Top-1 agreement of the two models' logits over the validation texts (`forward_inputs` turns a tokenized
+    batch into the model inputs and the mask of positions to compare), then greedy generation from a few prompts."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(run.source.path)
-    tokenizer.padding_side = "right"  # right padding leaves every real position's logits unchanged
-    model = AutoModelForCausalLM.from_pretrained(run.source.path).eval()
-    ort_model = _ort_model(run, "ORTModelForCausalLM")
     agree = total = 0
     max_diff = 0.0
     for batch in _batches(run.texts):
         enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt",
                         return_token_type_ids=False)
+        inputs, mask = forward_inputs(enc)
         with torch.no_grad():
-            ref = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
-            out = ort_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
-        a, n, d = _agreement(ref, out, enc["attention_mask"].numpy())
+            ref = model(**inputs).logits.numpy()
+            out = ort_model(**inputs).logits.numpy()
+        a, n, d = _agreement(ref, out, mask.numpy())
         agree, total, max_diff = agree + a, total + n, max(max_diff, d)
-    prompts = [tokenizer(text, return_tensors="pt", truncation=True, max_length=16, add_special_tokens=False,
-                         return_token_type_ids=False)
+    prompts = [tokenizer(text, return_tensors="pt", truncation=True, return_token_type_ids=False, **prompt_args)
                for text in run.texts[:GREEDY_PROMPTS]]
     kwargs = _greedy_kwargs(tokenizer)
     with torch.no_grad():
         greedy = _greedy_match(lambda e: model.generate(**e, **kwargs), lambda e: ort_model.generate(**e, **kwargs),
                                prompts)
     return {"next_token_agreement": agree / total, "max_abs_diff": max_diff, **greedy}
+
+
+def text_generation(run) -> dict[str, float]:
+    """Causal LM: next-token top-1 over every non-pad position of the validation texts, then greedy generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run.source.path)
+    tokenizer.padding_side = "right"  # right padding leaves every real position's logits unchanged
+    model = AutoModelForCausalLM.from_pretrained(run.source.path).eval()
+
+    def forward_inputs(enc):
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, enc["attention_mask"]
+
+    return _compare(run, model, _ort_model(run, "ORTModelForCausalLM"), tokenizer, forward_inputs,
+                    {"max_length": 16, "add_special_tokens": False})
 
 
 def text2text_generation(run) -> dict[str, float]:
@@ -101,28 +112,14 @@ def text2text_generation(run) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(run.source.path)
     tokenizer.padding_side = "right"
     model = AutoModelForSeq2SeqLM.from_pretrained(run.source.path).eval()
-    ort_model = _ort_model(run, "ORTModelForSeq2SeqLM")
     start = model.config.decoder_start_token_id
-    agree = total = 0
-    max_diff = 0.0
-    for batch in _batches(run.texts):
-        enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt",
-                        return_token_type_ids=False)
+
+    def forward_inputs(enc):
         # decoder input: start token + the text, so every position predicts a real next token
         dec_ids = torch.cat([torch.full_like(enc["input_ids"][:, :1], start), enc["input_ids"][:, :-1]], dim=1)
         dec_mask = torch.cat([torch.ones_like(enc["attention_mask"][:, :1]), enc["attention_mask"][:, :-1]], dim=1)
-        with torch.no_grad():
-            ref = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                        decoder_input_ids=dec_ids).logits.numpy()
-            out = ort_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                            decoder_input_ids=dec_ids).logits.numpy()
-        a, n, d = _agreement(ref, out, dec_mask.numpy())
-        agree, total, max_diff = agree + a, total + n, max(max_diff, d)
-    prompts = [tokenizer(text, return_tensors="pt", truncation=True, max_length=MAX_LENGTH,
-                         return_token_type_ids=False)
-               for text in run.texts[:GREEDY_PROMPTS]]
-    kwargs = _greedy_kwargs(tokenizer)
-    with torch.no_grad():
-        greedy = _greedy_match(lambda e: model.generate(**e, **kwargs), lambda e: ort_model.generate(**e, **kwargs),
-                               prompts)
-    return {"next_token_agreement": agree / total, "max_abs_diff": max_diff, **greedy}
+        return ({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "decoder_input_ids": dec_ids},
+                dec_mask)
+
+    return _compare(run, model, _ort_model(run, "ORTModelForSeq2SeqLM"), tokenizer, forward_inputs,
+                    {"max_length": MAX_LENGTH})
