@@ -26,11 +26,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Written by the runtime next to the model (TensorRT engine and timing caches): they change on every new GPU or
+# TensorRT version, so they are not part of what the manifest vouches for.
+RUNTIME_CACHE_DIRS = ("trt_cache",)
+
+
 def file_table(directory: Path) -> dict[str, dict[str, Any]]:
     return {
-        p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        rel: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
+        and (rel := p.relative_to(directory).as_posix()).split("/")[0] not in RUNTIME_CACHE_DIRS
     }
 
 

@@ -36,6 +36,22 @@ def test_manifest_records_source_target_passes_versions_and_files(bundled_int8):
     assert bundled_int8.verify() == []
 
 
+def test_verify_reports_edited_files_but_not_runtime_caches(bundled_int8, tmp_path):
+    import shutil
+
+    from optpipe import Artifact
+    from optpipe.artifact import file_table
+
+    copy = Artifact.load(shutil.copytree(bundled_int8.path, tmp_path / "art"))
+    (copy.path / "trt_cache").mkdir()
+    (copy.path / "trt_cache" / "engine.timing").write_bytes(b"written by TensorRT at run time")
+    assert copy.verify() == [] and "trt_cache/engine.timing" not in file_table(copy.path)
+    with open(copy.path / "config.json", "a") as f:
+        f.write(" ")
+    (copy.path / "tokenizer.json").unlink()
+    assert sorted(copy.verify()) == ["config.json: changed since publishing", "tokenizer.json: missing"]
+
+
 def test_artifact_loads_with_optimum_and_plain_onnxruntime(bundled_int8):
     from optimum.onnxruntime import ORTModelForFeatureExtraction
     from transformers import AutoTokenizer
