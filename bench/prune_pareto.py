@@ -55,23 +55,23 @@ def speed(paths: dict[str, Path], seconds: float, threads: int | None) -> dict[s
     return table
 
 
-def fidelity(sparsities: list[float], distill: list[float]) -> list[dict]:
+def fidelity(sparsities: list[float], distill: list[float], unlabeled: bool = True, lr: float | None = None) -> list[dict]:
     import torch
 
-    from optpipe.passes.prune import PruneConfig, _Data, _distill, _load, _shrink, _stage
+    from optpipe.passes.prune import PruneConfig, _distill, _load, _shrink, _stage, make_data
     from optpipe.passes.prune_model import ffn_layers
-    from optpipe.passes.prune_recovery import augmented, encode, refit, split_texts
+    from optpipe.passes.prune_recovery import refit, split_texts
     from optpipe.source import bundled_model_dir
-    from optpipe.texts import calibration_texts, validation_texts
+    from optpipe.texts import calibration_texts, unlabeled_texts, validation_texts
 
     torch.manual_seed(0)
     teacher, tok = _load(bundled_model_dir())
-    split = split_texts(calibration_texts(), validation_texts())
-    data = _Data(tok, encode(tok, augmented(split.tune)), encode(tok, split.dev), encode(tok, split.held_out),
-                 split.tune)
+    split = split_texts(calibration_texts(), validation_texts(), unlabeled_texts() if unlabeled else ())
+    data = make_data(tok, split)
     rows = []
     for s in sparsities:
-        config = PruneConfig(sparsity=s, activation_scaled=True, distill_steps=10**6)
+        config = PruneConfig(sparsity=s, activation_scaled=True, distill_steps=10**6, unlabeled=unlabeled,
+                             **({"distill_lr": lr} if lr else {}))
         t0 = time.perf_counter()
         student, _ = _shrink(teacher, "bert", s, config, data)
         row = {"ffn_sparsity": s, "none": _stage("prune", student, teacher, data, time.perf_counter() - t0)}
@@ -106,6 +106,9 @@ def main() -> None:
                         help="cumulative distillation budgets in seconds after refit (empty: none)")
     parser.add_argument("--seconds", type=float, default=20.0, help="interleaved timing per comparison")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-unlabeled", action="store_true",
+                        help="recover on the 32 calibration texts only (prune.unlabeled=false)")
+    parser.add_argument("--distill-lr", type=float, default=None, help="prune.distill_lr (default: the pass's)")
     parser.add_argument("--skip", choices=["speed", "fidelity"], action="append", default=[])
     args = parser.parse_args()
     result: dict = {"model": "sentence-transformers/all-MiniLM-L6-v2", "batch": 1, "seq": 128,
@@ -115,7 +118,7 @@ def main() -> None:
         result["speed"] = speed(paths, args.seconds, args.threads)
         print(json.dumps(result["speed"], indent=1), flush=True)
     if "fidelity" not in args.skip:
-        result["fidelity"] = fidelity(args.sparsities, args.distill)
+        result["fidelity"] = fidelity(args.sparsities, args.distill, not args.no_unlabeled, args.distill_lr)
     result["load_average_at_end"] = os.getloadavg()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Built-in text sets written for this project: validation texts and (distinct) calibration texts."""
+"""Built-in text sets written for this project: validation texts, (distinct) calibration texts, and a larger\nunlabeled set that recovery after pruning trains on."""
 
 from __future__ import annotations
 
@@ -16,3 +16,7 @@ def validation_texts() -> tuple[str, ...]:
 
 def calibration_texts() -> tuple[str, ...]:
     return _lines("calibration.txt")
+
+
+def unlabeled_texts() -> tuple[str, ...]:
+    return _lines("unlabeled.txt")

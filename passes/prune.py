@@ -47,6 +47,10 @@ class PruneConfig:
     # a candidate is distilled only if refit left it within this much of the floor (distillation costs minutes)
     distill_reach: float = 0.1
     time_budget_s: float = 600.0  # distillation across all candidates (prune and refit are not cut short)
+    # add optpipe's built-in unlabeled English text (data/unlabeled.txt) to the calibration texts for recovery:
+    # refit and distillation overfit 32 sentences (MiniLM, 20 % FFN + refit: 0.941 held-out with them, 0.959 with
+    # the 600 more)
+    unlabeled: bool = True
     seed: int = 0
 
     def check(self) -> None:
@@ -81,17 +85,16 @@ class PrunePass:
         import torch
 
         from optpipe.passes.prune_model import count_linear, structured_support
-        from optpipe.passes.prune_recovery import augmented, encode, split_texts
-        from optpipe.texts import validation_texts
+        from optpipe.passes.prune_recovery import split_texts
+        from optpipe.texts import unlabeled_texts, validation_texts
 
         model_type = ctx.source.model_type
         if config.granularity == "structured":
             structured_support(model_type)  # fail before loading anything
         torch.manual_seed(config.seed)
         teacher, tokenizer = _load(files.path)
-        split = split_texts(_calibration(ctx), validation_texts())
-        data = _Data(tokenizer, encode(tokenizer, augmented(split.tune)), encode(tokenizer, split.dev),
-                     encode(tokenizer, split.held_out), split.tune)
+        split = split_texts(_calibration(ctx), validation_texts(), unlabeled_texts() if config.unlabeled else ())
+        data = make_data(tokenizer, split)
         before = count_linear(teacher)
         started = time.perf_counter()
         if config.granularity == "unstructured":
@@ -123,6 +126,13 @@ class _Data:
     dev: list
     held_out: list
     tune_texts: tuple[str, ...]
+
+
+def make_data(tokenizer, split) -> _Data:
+    from optpipe.passes.prune_recovery import augmented, encode
+
+    return _Data(tokenizer, encode(tokenizer, augmented(split.tune)), encode(tokenizer, split.dev),
+                 encode(tokenizer, split.held_out), split.tune)
 
 
 def _load(path: Path):

@@ -18,7 +18,7 @@ MAX_LENGTH = 128
 
 @dataclass(frozen=True)
 class TextSplit:
-    """Calibration texts split into what recovery trains on and a dev part it never sees (for choosing sparsity);
+    """Recovery texts split into what recovery trains on and a dev part it never sees (for choosing sparsity);
     `held_out` are the validation texts, reported only, never used for a decision."""
 
     tune: tuple[str, ...]
@@ -26,15 +26,24 @@ class TextSplit:
     held_out: tuple[str, ...]
 
 
-def split_texts(calibration: tuple[str, ...], held_out: tuple[str, ...]) -> TextSplit:
-    dev = calibration[3::4]
-    tune = tuple(t for i, t in enumerate(calibration) if i % 4 != 3)
+def split_texts(calibration: tuple[str, ...], held_out: tuple[str, ...],
+                unlabeled: tuple[str, ...] = ()) -> TextSplit:
+    """Every 4th calibration text and every 5th unlabeled text go to dev, the rest to tune."""
+    dev = calibration[3::4] + unlabeled[4::5]
+    tune = tuple(t for i, t in enumerate(calibration) if i % 4 != 3) + tuple(
+        t for i, t in enumerate(unlabeled) if i % 5 != 4)
     return TextSplit(tune or calibration, dev or calibration, held_out)
+
+
+SMALL_POOL = 200
 
 
 def augmented(texts: tuple[str, ...], pairs: int = 2, seed: int = 0) -> list[str]:
     """The texts plus concatenated pairs: a few dozen short sentences give too few tokens (and contexts) to
-    estimate a 1000-wide least-squares fit; pairs multiply the contexts without inventing words."""
+    estimate a 1000-wide least-squares fit; pairs multiply the contexts without inventing words. Pools of
+    SMALL_POOL texts or more are returned as they are (pairs would only double the cost)."""
+    if len(texts) >= SMALL_POOL:
+        return list(texts)
     rng = random.Random(seed)
     out = list(texts)
     for _ in range(pairs):

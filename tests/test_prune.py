@@ -150,3 +150,17 @@ def test_refit_is_skipped_when_no_ffn_neuron_was_removed(tiny_bert_dir, tmp_path
     result = _prune(tiny_bert_dir, tmp_path, sparsity=0.0, heads=1, recovery=("refit",))
     assert result.report["ffn_width"] == [128, 128]
     assert result.report["stages"][1] == {"stage": "refit", "skipped": "no FFN neuron removed"}
+
+
+def test_recovery_texts_never_train_on_dev_or_validation_texts():
+    from optpipe.passes.prune_recovery import augmented, split_texts
+    from optpipe.texts import calibration_texts, unlabeled_texts, validation_texts
+
+    cal, extra, val = calibration_texts(), unlabeled_texts(), validation_texts()
+    split = split_texts(cal, val, extra)
+    assert set(split.tune).isdisjoint(split.dev) and set(split.tune + split.dev).isdisjoint(val)
+    assert sorted(split.tune + split.dev) == sorted(cal + extra)
+    assert len(extra) >= 500 and 0.15 < len(split.dev) / len(cal + extra) < 0.25
+    assert augmented(split.tune) == list(split.tune)  # a large pool is not padded with pairs
+    small = split_texts(cal, val)
+    assert len(augmented(small.tune)) > 2 * len(small.tune) and set(small.dev) <= set(cal)
