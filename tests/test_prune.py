@@ -76,7 +76,8 @@ def _ffn_matmul_shapes(path):
 
 def test_pruned_bert_exports_fuses_quantizes_and_validates(tiny_bert_dir, tmp_path):
     art = optimize(str(tiny_bert_dir), "cpu-int8-pruned", tmp_path / "art",
-                   pipeline="prune{sparsity=0.25,heads=1,recovery=[refit]},export,fuse,quantize")
+                   pipeline="prune{sparsity=0.25,heads=1,recovery=[refit]},export,fuse,quantize",
+                   overrides=["validate.mean_cosine=0.9"])  # the target's 0.95 is for its own recipe on MiniLM
     m = art.manifest
     assert m["validation"]["passed"] and m["validation"]["metrics"]["mean_cosine"] >= 0.9
     assert m["passes"][0]["report"]["ffn_width"] == [128, 96]
