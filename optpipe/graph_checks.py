@@ -135,6 +135,7 @@ def check_graph(files: ModelFiles, target) -> GraphCheck:
     from optpipe.passes import PASSES
 
     fp16_spec, quant_spec = target.pass_spec("fp16"), target.pass_spec("quantize")
+    tensorrt = target.provider == "TensorrtExecutionProvider"
     facts: dict[str, Any] = {}
     failures: list[str] = []
     for component in files.components:
@@ -152,11 +153,10 @@ def check_graph(files: ModelFiles, target) -> GraphCheck:
                 kept = tuple(float_exclusions(model, config)) + tuple(recorded_kept_float(model))
                 # Only TensorRT rejects non-symmetric zero points; ORT's CPU/CUDA QDQ kernels take any, and a CPU
                 # recipe over all op types dequantizes constants (LayerNorm biases) as uint8 activations.
-                trt = target.provider == "TensorrtExecutionProvider"
-                comp["qdq"], found = check_qdq(model, component, op_types, trt and config.activation_symmetric,
-                                               trt and config.weight_symmetric, kept)
+                comp["qdq"], found = check_qdq(model, component, op_types, tensorrt and config.activation_symmetric,
+                                               tensorrt and config.weight_symmetric, kept)
                 failures += found
-        if target.provider == "TensorrtExecutionProvider":
+        if tensorrt:
             contrib = non_standard_ops(model)
             comp["tensorrt_unparsable_ops"] = contrib
             if contrib:

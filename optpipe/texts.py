@@ -1,4 +1,5 @@
-"""Built-in text sets written for this project: validation texts, (distinct) calibration texts, and a larger\nunlabeled set that recovery after pruning trains on."""
+"""Built-in text sets written for this project: validation texts, (distinct) calibration texts, and a larger
+unlabeled set that recovery after pruning trains on."""
 
 from __future__ import annotations
 
