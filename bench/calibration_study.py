@@ -1,7 +1,7 @@
 """Calibration of `optpipe check`: false alarms on A-vs-A, detection of injected 5% and 10% slowdowns.
 
 Each check is what CI runs: a fresh `optpipe check CANDIDATE --baseline B` process that times the candidate
-interleaved with the baseline's reference artifact. The slowdowns are real extra compute (optpipe.slowdown: a
+interleaved with the baseline's reference artifact. The slowdowns are real extra compute (optpipe.perf.slowdown: a
 chain of 128x128 MatMuls feeding the output through 0*sum), calibrated against the model at the checked shape:
 a probe with K MatMuls is timed interleaved with the original, giving the cost of one MatMul relative to the
 model; the 5% and 10% variants get the matching chain lengths, and their actual effect is re-measured from
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from optpipe.harness import interleaved_ratios, machine_facts
-from optpipe.regress import record_baseline
-from optpipe.slowdown import slowed_copy
+from optpipe.perf.harness import interleaved_ratios, machine_facts
+from optpipe.perf.regress import record_baseline
+from optpipe.perf.slowdown import slowed_copy
 
 TOLERANCES = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05)
 

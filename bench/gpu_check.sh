@@ -122,12 +122,12 @@ if [[ ${#built[@]} -gt 0 ]]; then
         say "timing bs 1/8/32, seq 128 on each target's provider"
         "$PY" bench/gpu_latency.py "${built[@]}" --batch-sizes 1,8,32 --seq 128 --iters 100 --warmup 20 \
             --json "$PREFIX.json" --markdown "$PREFIX.md" || status=$?
-        if "$PY" -c "import optpipe.harness" 2>/dev/null; then
+        if "$PY" -c "import optpipe.perf.harness" 2>/dev/null; then
             say "optpipe's harness: the three interleaved, ratios to cuda-fp16 with confidence intervals"
             "$PY" - "$PREFIX-harness.json" "${built[@]}" <<'EOF' || status=1
 import sys
 from pathlib import Path
-from optpipe.harness import bench, bench_json
+from optpipe.perf.harness import bench, bench_json
 result = bench(sys.argv[2:], batches=[1, 8, 32], seqs=[128], seconds=5.0, progress=print)
 Path(sys.argv[1]).write_text(bench_json(result))
 EOF

@@ -2,7 +2,7 @@
 
 Speed depends only on the pruned shapes, so each sparsity is built once (no recovery) as fp32 (export+fuse) and
 INT8 (export+fuse+dynamic quantize) and timed interleaved against cpu-fp32 and cpu-int8 with
-optpipe.harness.interleaved_ratios (spinning off). Fidelity depends on recovery, so each sparsity is pruned once in
+optpipe.perf.harness.interleaved_ratios (spinning off). Fidelity depends on recovery, so each sparsity is pruned once in
 torch and recovered in stages (none -> refit -> distill to D1 s -> distill on to D2 s), with the held-out mean
 cosine vs the unpruned model after each stage (validation texts: never used for pruning or recovery).
 
@@ -41,7 +41,7 @@ def build(out: Path, sparsities: list[float]) -> dict[str, Path]:
 
 
 def speed(paths: dict[str, Path], seconds: float, threads: int | None) -> dict[str, dict[str, float]]:
-    from optpipe.harness import interleaved_ratios
+    from optpipe.perf.harness import interleaved_ratios
 
     names = list(paths)
     table = {}
@@ -62,7 +62,7 @@ def fidelity(sparsities: list[float], distill: list[float], unlabeled: bool = Tr
     from optpipe.passes.prune_model import ffn_layers
     from optpipe.passes.prune_recovery import refit, split_texts
     from optpipe.source import bundled_model_dir
-    from optpipe.texts import calibration_texts, unlabeled_texts, validation_texts
+    from optpipe.data.texts import calibration_texts, unlabeled_texts, validation_texts
 
     torch.manual_seed(0)
     teacher, tok = _load(bundled_model_dir())

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from optpipe import OptpipeError, optimize
-from optpipe.harness import interleaved_ratios, machine_facts
+from optpipe.perf.harness import interleaved_ratios, machine_facts
 from optpipe.source import bundled_model_dir
-from optpipe.texts import validation_texts
+from optpipe.data.texts import validation_texts
 
 OPTPIPE_TARGETS = ("cpu-fp32", "cpu-int8", "cpu-int8-static")
 

@@ -5,10 +5,10 @@ __version__ = "0.1.0"
 from optpipe.artifact import Artifact  # noqa: E402
 from optpipe.api import optimize  # noqa: E402
 from optpipe.errors import OptpipeError  # noqa: E402
-from optpipe.harness import bench, compare  # noqa: E402
-from optpipe.regress import check  # noqa: E402
+from optpipe.perf.harness import bench, compare  # noqa: E402
+from optpipe.perf.regress import check  # noqa: E402
 from optpipe.targets import list_targets, load_target  # noqa: E402
-from optpipe.tune import tune  # noqa: E402
+from optpipe.tune.search import tune  # noqa: E402
 
 __all__ = ["Artifact", "OptpipeError", "bench", "check", "compare", "list_targets", "load_target", "optimize", "tune",
            "__version__"]

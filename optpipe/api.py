@@ -16,7 +16,7 @@ from optpipe.errors import OutputError, ValidationFailedError
 from optpipe.pipeline import ModelFiles, Pipeline, PipelineResult, _package_versions
 from optpipe.source import ModelSource, resolve_source
 from optpipe.targets import Target, load_target
-from optpipe.validate import ValidationResult, validate
+from optpipe.validation.encoders import ValidationResult, validate
 
 log = logging.getLogger("optpipe")
 
@@ -143,7 +143,7 @@ def optimize(
         manifest = {**build_manifest(source, resolved_target, result, staged, validation, source_bytes),
                     **(extra_manifest or {})}
         if bench:
-            from optpipe.harness import bench_staged
+            from optpipe.perf.harness import bench_staged
 
             say("timing the staged artifact (optpipe bench) ...")
             manifest["bench"] = bench_staged(staging, staged.components, resolved_target)
@@ -161,7 +161,7 @@ def _check_calibration(calibration: str | Path | None) -> tuple[Path | None, str
     """The calibration file and the column named with FILE.csv:COLUMN, checked (readable, has texts) before any work."""
     if calibration is None:
         return None, None
-    from optpipe.calibration import load_calibration, split_spec
+    from optpipe.data.calibration import load_calibration, split_spec
 
     path, column = split_spec(calibration)
     load_calibration(calibration)  # raises CalibrationDataError with a one-line message

@@ -86,7 +86,7 @@ class PrunePass:
 
         from optpipe.passes.prune_model import count_linear, structured_support
         from optpipe.passes.prune_recovery import split_texts
-        from optpipe.texts import unlabeled_texts, validation_texts
+        from optpipe.data.texts import unlabeled_texts, validation_texts
 
         model_type = ctx.source.model_type
         if config.granularity == "structured":
@@ -148,7 +148,7 @@ def _load(path: Path):
 
 
 def _calibration(ctx: PassContext) -> tuple[str, ...]:
-    from optpipe.calibration import load_calibration
+    from optpipe.data.calibration import load_calibration
 
     return load_calibration(ctx.calibration).texts
 

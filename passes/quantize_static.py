@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from optpipe.calibration import TextCalibrationReader, graph_input_names, load_calibration, tokenized_batches
+from optpipe.data.calibration import TextCalibrationReader, graph_input_names, load_calibration, tokenized_batches
 from optpipe.errors import CalibrationDataError
 
 log = logging.getLogger("optpipe.quantize")

@@ -92,7 +92,7 @@ def _fit(model, tokenizer, steps: int) -> None:
     any INT8 noise flips its argmax and agreement says nothing. Trained models are peaky; so is this one after
     fitting, which makes the INT8 next-token and greedy checks test the quantizer rather than the tie-breaking.
     """
-    from optpipe.texts import calibration_texts
+    from optpipe.data.texts import calibration_texts
 
     texts = list(calibration_texts())
     enc = tokenizer(texts, padding=True, truncation=True, max_length=24, return_tensors="pt",

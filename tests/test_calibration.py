@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from optpipe.calibration import builtin_set, graph_input_names, load_calibration, tokenized_batches
+from optpipe.data.calibration import builtin_set, graph_input_names, load_calibration, tokenized_batches
 from optpipe.errors import CalibrationDataError
-from optpipe.texts import validation_texts
+from optpipe.data.texts import validation_texts
 from tests.models import bert_tokenizer
 from tests.test_cli import assert_one_line_error, optpipe
 

@@ -19,7 +19,7 @@ from onnx import TensorProto
 
 from optpipe import optimize
 from optpipe.errors import ProviderUnavailableError, ValidationFailedError
-from optpipe.graph_checks import check_qdq
+from optpipe.validation.graph_checks import check_qdq
 from optpipe.session import expand_profile_shapes, provider_works, require_provider, resolve_provider_options
 
 HAS_CUDA = provider_works("CUDAExecutionProvider")
@@ -205,7 +205,7 @@ def test_graph_cpu_cannot_run_is_recorded_not_failed(cuda_fp16, tiny_bert_dir, t
     from optpipe.pipeline import ModelFiles
     from optpipe.source import resolve_source
     from optpipe.targets import load_target
-    from optpipe.validate import validate
+    from optpipe.validation.encoders import validate
 
     shutil.copytree(cuda_fp16.path, tmp_path / "a")
     model = onnx.load(str(tmp_path / "a" / "model.onnx"))
@@ -250,10 +250,10 @@ def test_timing_a_gpu_artifact_without_its_provider_is_one_line_exit_2(cuda_fp16
     assert [line.split()[2:4] for line in ok.stdout.splitlines()] == [["bs", "1"], ["bs", "2"]]
 
 
-@pytest.mark.skipif(HAS_CUDA or importlib.util.find_spec("optpipe.harness") is None,
+@pytest.mark.skipif(HAS_CUDA or importlib.util.find_spec("optpipe.perf.harness") is None,
                     reason="CUDA works here, or the harness is not in this tree")
 def test_harness_bench_refuses_gpu_artifacts_with_exit_2(cuda_fp16, trt_fp16):
-    from optpipe.harness import bench
+    from optpipe.perf.harness import bench
 
     for artifact, provider in ((cuda_fp16, "CUDAExecutionProvider"), (trt_fp16, "TensorrtExecutionProvider")):
         with pytest.raises(ProviderUnavailableError) as err:
@@ -261,7 +261,7 @@ def test_harness_bench_refuses_gpu_artifacts_with_exit_2(cuda_fp16, trt_fp16):
         assert err.value.exit_code == 2 and str(err.value).startswith(f"{provider} is not available")
 
 
-@pytest.mark.skipif(HAS_CUDA or importlib.util.find_spec("optpipe.cli_harness") is None,
+@pytest.mark.skipif(HAS_CUDA or importlib.util.find_spec("optpipe.cli.harness") is None,
                     reason="CUDA works here, or `optpipe bench` is not in this tree")
 def test_cli_bench_on_a_gpu_artifact_is_one_line_exit_2(cuda_fp16, trt_fp16):
     for artifact, provider in ((cuda_fp16, "CUDAExecutionProvider"), (trt_fp16, "TensorrtExecutionProvider")):

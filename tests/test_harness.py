@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from optpipe import bench, compare
-from optpipe.harness import interleaved_ratios, open_artifact
-from optpipe.harness_inputs import token_stream, workloads
-from optpipe.harness_stats import paired_ratio
-from optpipe.slowdown import slowed_copy
+from optpipe.perf.harness import interleaved_ratios, open_artifact
+from optpipe.perf.inputs import token_stream, workloads
+from optpipe.perf.stats import paired_ratio
+from optpipe.perf.slowdown import slowed_copy
 from tests.test_cli import assert_one_line_error, optpipe
 
 

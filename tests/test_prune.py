@@ -115,7 +115,7 @@ def test_refit_reduces_reconstruction_error(tiny_bert_dir):
     from optpipe.passes.prune import _Data, _load, _shrink
     from optpipe.passes.prune_model import ffn_layers
     from optpipe.passes.prune_recovery import augmented, encode, reconstruction_error, refit
-    from optpipe.texts import calibration_texts
+    from optpipe.data.texts import calibration_texts
 
     teacher, tokenizer = _load(tiny_bert_dir)
     batches = encode(tokenizer, augmented(calibration_texts()))
@@ -155,7 +155,7 @@ def test_refit_is_skipped_when_no_ffn_neuron_was_removed(tiny_bert_dir, tmp_path
 
 def test_recovery_texts_never_train_on_dev_or_validation_texts():
     from optpipe.passes.prune_recovery import augmented, split_texts
-    from optpipe.texts import calibration_texts, unlabeled_texts, validation_texts
+    from optpipe.data.texts import calibration_texts, unlabeled_texts, validation_texts
 
     cal, extra, val = calibration_texts(), unlabeled_texts(), validation_texts()
     split = split_texts(cal, val, extra)

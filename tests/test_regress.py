@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from optpipe.regress import check, fingerprint, load_baseline, parse_tolerance
-from optpipe.slowdown import slowed_copy
+from optpipe.perf.regress import check, fingerprint, load_baseline, parse_tolerance
+from optpipe.perf.slowdown import slowed_copy
 from tests.test_cli import assert_one_line_error, optpipe
 
 FAST = ["--seconds", "1.5"]
@@ -103,7 +103,7 @@ def test_missing_provider_is_exit_2_with_the_install_line(artifacts, baseline, t
 
 def test_unusable_inputs_are_one_line(artifacts, baseline, tmp_path, capsys):
     """In-process through the CLI's main() (the exit codes above run as subprocesses; these need no timing)."""
-    from optpipe.cli import main
+    from optpipe.cli.main import main
 
     def run(*args: str) -> tuple[int, str]:
         code = main(list(args))

@@ -10,7 +10,7 @@ import pytest
 
 from optpipe import Artifact, tune
 from optpipe.errors import EvalDataError, TuningFailedError
-from optpipe.tune import Recipe
+from optpipe.tune.search import Recipe
 from tests import models
 from tests.test_cli import assert_one_line_error, optpipe
 

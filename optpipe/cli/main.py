@@ -7,58 +7,11 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any
 
+from optpipe.cli.harness import add_harness_parsers
+from optpipe.cli.output import mb, print_summary, say
+from optpipe.cli.tune import add_tune_parser
 from optpipe.errors import OptpipeError
-from optpipe.cli_tune import add_tune_parser
-from optpipe.cli_harness import add_harness_parsers
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-def _brief(report: dict[str, Any]) -> str:
-    """One line of what a pass changed, from its report."""
-    parts = []
-    for name, comp in report.get("components", {}).items() if isinstance(report.get("components"), dict) else []:
-        if comp.get("fused"):
-            parts.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in comp["fused"].items()))
-        elif comp.get("integer_ops"):
-            kept = len(comp.get("kept_float", {}))
-            parts.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in comp["integer_ops"].items())
-                         + (f"; {kept} kept float" if kept else ""))
-    if not parts and "components" in report and isinstance(report["components"], list):
-        parts.append(", ".join(report["components"]))
-    for key in ("note", "sparsity", "chosen"):
-        if key in report:
-            parts.append(f"{key}: {report[key]}")
-    return "; ".join(parts)
-
-
-def print_summary(artifact) -> None:
-    m = artifact.manifest
-    print(f"\n{m['source']['id']} -> {m['target']['name']}   [{m['pipeline']}]")
-    print(f"{'pass':<10} {'seconds':>8} {'size in':>10} {'size out':>10}  what changed")
-    for step in m["passes"]:
-        seconds = "cached" if step["cached"] else f"{step['seconds']:.1f}"
-        print(f"{step['name']:<10} {seconds:>8} {_mb(step['bytes_in']):>10} {_mb(step['bytes_out']):>10}  "
-              f"{_brief(step['report'])}")
-    v = m["validation"]
-    figures = ", ".join(f"{k} {val:.4f}" for k, val in v["metrics"].items())
-    limits = ", ".join(f"{k} {'<=' if k.startswith('max_') else '>='} {val}" for k, val in v["thresholds"].items())
-    status = f"deferred ({v['deferred']})" if v.get("deferred") else ("passed" if v["passed"] else "FAILED")
-    print(f"validation ({v['texts']} texts, {v['provider']}): {figures}  [{limits}]  {status}")
-    print(f"size: {_mb(m['size']['source_bytes'])} (PyTorch weights) -> {_mb(m['size']['onnx_bytes'])} (ONNX)")
-    for row in m.get("bench", {}).get("rows", []):
-        print(f"bench ({row['providers'][0]}, {row['workload']} bs {row['batch']} seq {row['seq']}): p50 "
-              f"{row['p50_ms']:.3f} ms, p90 {row['p90_ms']:.3f} ms, {row['sequences_per_s']:.1f} seq/s")
-    if m.get("bench", {}).get("skipped"):
-        print(f"bench skipped: {m['bench']['skipped']}")
-    print(f"artifact: {artifact.path}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -85,7 +38,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from optpipe.pipeline import cache_root, clear_cache
 
     if args.action == "clear":
-        print(f"removed {_mb(clear_cache())} from {cache_root()}")
+        print(f"removed {mb(clear_cache())} from {cache_root()}")
     else:
         print(cache_root())
     return 0

@@ -22,8 +22,8 @@ import numpy as np
 from optpipe import __version__
 from optpipe.artifact import Artifact, sha256_file
 from optpipe.errors import BaselineError, InvalidOptionError
-from optpipe.harness import Measured, _interleave, _grid_workloads, machine_facts, open_artifact
-from optpipe.harness_stats import RatioEstimate, bootstrap_medians, paired_distribution
+from optpipe.perf.harness import Measured, _interleave, _grid_workloads, machine_facts, open_artifact
+from optpipe.perf.stats import RatioEstimate, bootstrap_medians, paired_distribution
 
 FORMAT = 1
 LEVEL = 0.95

@@ -7,7 +7,7 @@ from importlib import resources
 
 
 def _lines(name: str) -> tuple[str, ...]:
-    text = resources.files("optpipe").joinpath("data", name).read_text(encoding="utf-8")
+    text = resources.files("optpipe.data").joinpath(name).read_text(encoding="utf-8")
     return tuple(line for line in text.splitlines() if line.strip())
 
 

@@ -20,11 +20,11 @@ import numpy as np
 
 from optpipe.artifact import Artifact
 from optpipe.errors import InvalidOptionError
-from optpipe.harness_inputs import Workload, workloads
-from optpipe.harness_stats import RatioEstimate, paired_ratio
+from optpipe.perf.inputs import Workload, workloads
+from optpipe.perf.stats import RatioEstimate, paired_ratio
 from optpipe.session import require_provider, target_session
 
-log = logging.getLogger("optpipe.harness")
+log = logging.getLogger("optpipe.perf.harness")
 
 WARMUP = 5
 MIN_ROUNDS = 10

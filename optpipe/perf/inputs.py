@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger("optpipe.harness")
+log = logging.getLogger("optpipe.perf.harness")
 
 _INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 _FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -34,7 +34,7 @@ class Workload:
 @functools.lru_cache(maxsize=16)
 def token_stream(model_dir: str) -> np.ndarray:
     """Token ids of the built-in texts through the artifact's own tokenizer (random vocab ids without one)."""
-    from optpipe.texts import validation_texts
+    from optpipe.data.texts import validation_texts
 
     try:
         if (Path(model_dir) / "tokenizer.json").is_file():

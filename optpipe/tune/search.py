@@ -121,7 +121,7 @@ def _build(recipe_specs: list[PassSpec], source: ModelSource, target: Target, wo
 
 def _ratios(paths: list[Path], seconds: float, threads: int | None) -> list[tuple[float, float, float]]:
     """(ratio, low, high) of each model's latency to the first's: the harness's paired interleaved rounds."""
-    from optpipe.harness import interleaved_ratios
+    from optpipe.perf.harness import interleaved_ratios
 
     return [(r.ratio, r.low, r.high)
             for r in interleaved_ratios(paths, batch=1, seq=128, threads=threads, seconds=seconds)]
@@ -148,7 +148,7 @@ def tune(
     score_all=False leaves the loss of candidates slower than the winner unmeasured (the search never needs it).
     """
     from optpipe.api import _check_calibration, default_output, optimize
-    from optpipe.tune_eval import accuracy_scorer, fidelity_metric, fidelity_scorer
+    from optpipe.tune.evaluate import accuracy_scorer, fidelity_metric, fidelity_scorer
 
     say = progress or log.info
     if not 0.0 <= max_loss < 1.0:

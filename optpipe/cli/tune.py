@@ -6,8 +6,8 @@ import argparse
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from optpipe.cli import print_summary, say
-    from optpipe.tune import format_table, tune
+    from optpipe.cli.output import print_summary, say
+    from optpipe.tune.search import format_table, tune
 
     result = tune(args.model, max_loss=args.max_loss, output=args.output, eval_file=args.eval, task=args.task,
                   calibration=args.calibration, seconds=args.seconds, threads=args.threads, score_all=not args.quick,

@@ -28,8 +28,8 @@ def _short(path: str) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from optpipe.cli import say
-    from optpipe.harness import bench
+    from optpipe.cli.output import say
+    from optpipe.perf.harness import bench
 
     result = bench(args.artifacts, _ints(args.batch), _ints(args.seq), threads=args.threads, warmup=args.warmup,
                    runs=args.runs, seconds=args.seconds, progress=say)
@@ -65,8 +65,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from optpipe import check
-    from optpipe.cli import say
-    from optpipe.regress import markdown, parse_tolerance
+    from optpipe.cli.output import say
+    from optpipe.perf.regress import markdown, parse_tolerance
 
     result = check(args.artifact, args.baseline, tolerance=parse_tolerance(args.tolerance), update=args.update,
                    seconds=args.seconds, threads=args.threads, progress=say)

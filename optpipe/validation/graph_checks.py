@@ -9,7 +9,7 @@ from typing import Any
 
 from optpipe.pipeline import ModelFiles
 
-log = logging.getLogger("optpipe.graph_checks")
+log = logging.getLogger("optpipe.validation.graph_checks")
 
 # The float16 pass leaves some initializers float32 (those feeding ops kept float32, e.g. LayerNorm's epsilon
 # paths or position ids); weights must still be overwhelmingly float16 by bytes.

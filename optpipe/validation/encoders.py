@@ -10,14 +10,14 @@ from typing import Any, Callable
 import numpy as np
 
 from optpipe.errors import UnsupportedModelError
-from optpipe.graph_checks import check_graph, cpu_run_errors
+from optpipe.validation.graph_checks import check_graph, cpu_run_errors
 from optpipe.pipeline import ModelFiles
 from optpipe.session import create_session, provider_works
 from optpipe.source import ModelSource
-from optpipe.texts import validation_texts
-from optpipe.validate_generation import text2text_generation, text_generation
+from optpipe.data.texts import validation_texts
+from optpipe.validation.generation import text2text_generation, text_generation
 
-log = logging.getLogger("optpipe.validate")
+log = logging.getLogger("optpipe.validation.encoders")
 
 BATCH = 8
 MAX_LENGTH = 128

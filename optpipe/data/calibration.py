@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from optpipe.errors import CalibrationDataError
-from optpipe.texts import calibration_texts
+from optpipe.data.texts import calibration_texts
 
 FORMATS = (".txt", ".jsonl", ".csv")
 DEFAULT_COLUMN = "text"

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger("optpipe.validate")
+log = logging.getLogger("optpipe.validation.encoders")
 
 BATCH = 8
 MAX_LENGTH = 64

@@ -1,0 +1,1 @@
+"""Texts optpipe ships (calibration, validation, unlabeled) and user calibration files."""

@@ -1,0 +1,1 @@
+"""Performance: the latency harness (inputs, workloads, statistics) and the regression check."""
