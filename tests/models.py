@@ -180,3 +180,33 @@ def tiny_ctrl(path: Path, seed: int = 0) -> Path:
     tokenizer = bert_tokenizer(segment_ids=False)
     config = CTRLConfig(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2, dff=64, n_positions=64)
     return _save(CTRLLMHeadModel(config), tokenizer, path)
+
+
+def tiny_qwen2(path: Path, seed: int = 0, std: float = 0.05, steps: int = 30) -> Path:
+    """A 2-layer Qwen2 (hidden 64, 4 query heads / 2 kv heads, q/k/v biases; lm_head tied to the embeddings)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = bert_tokenizer(segment_ids=False)
+    config = Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True, **_special_ids(tokenizer))
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # the default init leaves biases at zero, which would not test them
+        for name, param in model.named_parameters():
+            if name.endswith("proj.bias"):
+                param.normal_(0.0, 0.5)
+    return _generator(model, tokenizer, path, std, steps)
+
+
+def tiny_mistral(path: Path, seed: int = 0, std: float = 0.05, steps: int = 30, sliding_window: int = 6) -> Path:
+    """A 2-layer Mistral (hidden 64, 4 query heads / 2 kv heads) whose sliding window is shorter than the texts."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = bert_tokenizer(segment_ids=False)
+    config = MistralConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=256, sliding_window=sliding_window, tie_word_embeddings=False,
+                           **_special_ids(tokenizer))
+    return _generator(MistralForCausalLM(config), tokenizer, path, std, steps)

@@ -1,0 +1,172 @@
+"""The node-level writer behind decoder_graph: initializers named after HF parameters, linears (MatMul or
+MatMulNBits), norms, GroupQueryAttention and the SiLU-gated MLP of one llama-family layer."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from optpipe.passes.nbits import NBitsWeight
+
+MS = "com.microsoft"
+WeightSource = Callable[[str], "np.ndarray | NBitsWeight | None"]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    local_window: int  # -1: full causal attention
+
+
+class GraphWriter:
+    """Accumulates nodes and initializers; `param(name)` resolves a weight through the override, else the model."""
+
+    def __init__(self, params: dict[str, np.ndarray], override: WeightSource | None, accuracy_level: int):
+        self.params = params
+        self.override = override
+        self.accuracy_level = accuracy_level
+        self.nodes: list = []
+        self.initializers: list = []
+        self.nbits: list[str] = []
+        self.overridden: list[str] = []
+        self._names: Counter = Counter()
+        self._resolved: dict[str, object] = {}
+        self._consts: dict[str, tuple[str, np.ndarray]] = {}
+
+    # ---- names and constants ----
+    def fresh(self, name: str) -> str:
+        self._names[name] += 1
+        return name if self._names[name] == 1 else f"{name}_{self._names[name] - 1}"
+
+    def add_init(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))  # keeps 0-d
+        return name
+
+    def const(self, name: str, values, dtype=np.int64) -> str:
+        """A small constant, shared by every node that asks for the same name."""
+        value = np.asarray(values, dtype=dtype)
+        if name not in self._consts:
+            self._consts[name] = (self.add_init(f"/const/{name}", value), value)
+        stored, known = self._consts[name]
+        if known.shape != value.shape or not np.array_equal(known, value):
+            raise ValueError(f"constant {name!r} asked for with two values")
+        return stored
+
+    def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        name = self.fresh(name)
+        outs = [f"{name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
+        return outs
+
+    def op(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        return self.node(op, inputs, name, **attrs)[0]
+
+    # ---- weights ----
+    def overrides(self, name: str) -> bool:
+        if name not in self._resolved:
+            self._resolved[name] = self.override(name) if self.override is not None else None
+        return self._resolved[name] is not None
+
+    def weight(self, name: str) -> np.ndarray | NBitsWeight:
+        if not self.overrides(name):
+            return self.params[name]
+        value = self._resolved[name]
+        self.overridden.append(name)
+        if isinstance(value, NBitsWeight):
+            return value
+        value = np.asarray(value, dtype=np.float32)
+        if value.shape != self.params[name].shape:
+            raise ValueError(f"weights({name!r}) returned shape {value.shape}, the model has {self.params[name].shape}")
+        return value
+
+    def float_weight(self, name: str) -> np.ndarray:
+        """A weight that has no MatMulNBits form (norms, embeddings, biases): NBits overrides are dequantized."""
+        value = self.weight(name)
+        return value.dequantize() if isinstance(value, NBitsWeight) else value
+
+    def linear(self, x: str, prefix: str) -> str:
+        """y = x @ W.T (+ b) for the HF nn.Linear `prefix` (e.g. model.layers.0.self_attn.q_proj)."""
+        w_name, b_name = f"{prefix}.weight", f"{prefix}.bias"
+        w = self.weight(w_name)
+        bias = self.float_weight(b_name) if b_name in self.params else None
+        if isinstance(w, NBitsWeight):
+            n, k = self.params[w_name].shape
+            if (w.n, w.k) != (n, k):
+                raise ValueError(f"weights({w_name!r}) is an NBitsWeight for [{w.n}, {w.k}], the model has [{n}, {k}]")
+            self.nbits.append(w_name)
+            inputs = [x, self.add_init(f"{w_name}.qweight", w.packed.reshape(w.n, w.k_blocks, -1).astype(np.uint8)),
+                      self.add_init(f"{w_name}.scales", w.scales.reshape(w.n, w.k_blocks).astype(np.float32))]
+            zp = w.zero_points
+            if zp is not None:
+                zp = zp.reshape(w.n, -1) if zp.dtype == np.uint8 else zp.reshape(w.n, w.k_blocks).astype(np.float32)
+                inputs.append(self.add_init(f"{w_name}.qzeros", zp))
+            if bias is not None:
+                inputs += [""] * (4 - len(inputs)) + [self.add_init(b_name, bias)]
+            return self.op("MatMulNBits", inputs, f"{prefix}/MatMulNBits", domain=MS, K=k, N=n, bits=w.bits,
+                           block_size=w.block_size, accuracy_level=self.accuracy_level)
+        y = self.op("MatMul", [x, self.add_init(f"{w_name}.T", w.T)], f"{prefix}/MatMul")
+        if bias is not None:
+            y = self.op("Add", [y, self.add_init(b_name, bias)], f"{prefix}/Add")
+        return y
+
+    # ---- blocks ----
+    def rms_norm(self, x: str, weight_name: str, eps: float) -> str:
+        return self.op("SimplifiedLayerNormalization", [x, self.add_init(weight_name, self.float_weight(weight_name))],
+                       weight_name.removesuffix(".weight") + "/SimplifiedLayerNorm", axis=-1, epsilon=eps, stash_type=1)
+
+    def skip_rms_norm(self, x: str, skip: str, weight_name: str, eps: float) -> tuple[str, str]:
+        """(normed, x + skip): the residual sum comes out of the same node (output 3)."""
+        outs = self.node("SkipSimplifiedLayerNormalization",
+                         [x, skip, self.add_init(weight_name, self.float_weight(weight_name))],
+                         weight_name.removesuffix(".weight") + "/SkipSimplifiedLayerNorm", n_out=4, domain=MS,
+                         epsilon=eps)
+        self.nodes[-1].output[1] = self.nodes[-1].output[2] = ""  # mean, inv_std_var unused
+        return outs[0], outs[3]
+
+    def attention(self, x: str, prefix: str, shape: LayerShape, layer: int, lengths: tuple[str, str],
+                  rope: tuple[str, str]) -> str:
+        q = self.linear(x, f"{prefix}.q_proj")
+        k = self.linear(x, f"{prefix}.k_proj")
+        v = self.linear(x, f"{prefix}.v_proj")
+        seqlens_k, total_len = lengths
+        outs = self.node("GroupQueryAttention",
+                         [q, k, v, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", seqlens_k,
+                          total_len, rope[0], rope[1]], f"{prefix}/GroupQueryAttention", n_out=3, domain=MS,
+                         num_heads=shape.heads, kv_num_heads=shape.kv_heads, do_rotary=1, rotary_interleaved=0,
+                         local_window_size=shape.local_window, scale=float(shape.head_dim ** -0.5))
+        node = self.nodes[-1]
+        node.output[1], node.output[2] = f"present.{layer}.key", f"present.{layer}.value"
+        return self.linear(outs[0], f"{prefix}.o_proj")
+
+    def mlp(self, x: str, prefix: str) -> str:
+        gate = self.linear(x, f"{prefix}.gate_proj")
+        up = self.linear(x, f"{prefix}.up_proj")
+        silu = self.op("Mul", [gate, self.op("Sigmoid", [gate], f"{prefix}/act_fn/Sigmoid")], f"{prefix}/act_fn/Mul")
+        return self.linear(self.op("Mul", [silu, up], f"{prefix}/Mul"), f"{prefix}.down_proj")
+
+    def layer(self, layer: int, hidden: str, residual: str | None, shape: LayerShape, lengths: tuple[str, str],
+              rope: tuple[str, str]) -> tuple[str, str]:
+        """One decoder layer. Returns (mlp output, residual before it): the next norm adds them."""
+        prefix = f"model.layers.{layer}"
+        if residual is None:
+            normed = self.rms_norm(hidden, f"{prefix}.input_layernorm.weight", shape.eps)
+            residual = hidden
+        else:
+            normed, residual = self.skip_rms_norm(hidden, residual, f"{prefix}.input_layernorm.weight", shape.eps)
+        attn = self.attention(normed, f"{prefix}.self_attn", shape, layer, lengths, rope)
+        normed, residual = self.skip_rms_norm(attn, residual, f"{prefix}.post_attention_layernorm.weight", shape.eps)
+        return self.mlp(normed, f"{prefix}.mlp"), residual
+
+
+def kv_value_info(layer: int, kind: str, io: str, shape: LayerShape):
+    name = f"past_key_values.{layer}.{kind}" if io == "in" else f"present.{layer}.{kind}"
+    seq = "past_sequence_length" if io == "in" else "total_sequence_length"
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch_size", shape.kv_heads, seq, shape.head_dim])
