@@ -44,7 +44,7 @@ def calibrate(artifact: Path, work: Path, probe: int, args) -> float:
 def run_check(candidate: Path, baseline: Path, args) -> dict:
     out = baseline.parent / "check.json"
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "optpipe.cli", "check", str(candidate), "--baseline", str(baseline),
+    proc = subprocess.run([sys.executable, "-m", "optpipe", "check", str(candidate), "--baseline", str(baseline),
                            "--tolerance", args.tolerance, "--seconds", str(args.seconds), "--json", str(out)],
                           capture_output=True, text=True)
     wall = time.perf_counter() - started

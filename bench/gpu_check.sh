@@ -103,7 +103,7 @@ status=0
 built=()
 for target in "${TARGETS[@]}"; do
     say "building $target (validation runs on its provider, or on CPU with the GPU run deferred)"
-    if timeout 900 "$PY" -m optpipe.cli run --target "$target" --output "$WORK/artifacts/$target" --overwrite; then
+    if timeout 900 "$PY" -m optpipe run --target "$target" --output "$WORK/artifacts/$target" --overwrite; then
         built+=("$WORK/artifacts/$target")
     else
         say "$target FAILED (exit $?)"; status=1

@@ -58,14 +58,15 @@ def speed(paths: dict[str, Path], seconds: float, threads: int | None) -> dict[s
 def fidelity(sparsities: list[float], distill: list[float], unlabeled: bool = True, lr: float | None = None) -> list[dict]:
     import torch
 
-    from optpipe.passes.prune import PruneConfig, _distill, _load, _shrink, _stage, make_data
+    from optpipe.passes.prune import PruneConfig
+    from optpipe.passes.prune_strategies import distill_student, load_model, make_data, shrink, stage
     from optpipe.passes.prune_model import ffn_layers
     from optpipe.passes.prune_recovery import refit, split_texts
     from optpipe.source import bundled_model_dir
     from optpipe.data.texts import calibration_texts, unlabeled_texts, validation_texts
 
     torch.manual_seed(0)
-    teacher, tok = _load(bundled_model_dir())
+    teacher, tok = load_model(bundled_model_dir())
     split = split_texts(calibration_texts(), validation_texts(), unlabeled_texts() if unlabeled else ())
     data = make_data(tok, split)
     rows = []
@@ -73,18 +74,18 @@ def fidelity(sparsities: list[float], distill: list[float], unlabeled: bool = Tr
         config = PruneConfig(sparsity=s, activation_scaled=True, distill_steps=10**6, unlabeled=unlabeled,
                              **({"distill_lr": lr} if lr else {}))
         t0 = time.perf_counter()
-        student, _ = _shrink(teacher, "bert", s, config, data)
-        row = {"ffn_sparsity": s, "none": _stage("prune", student, teacher, data, time.perf_counter() - t0)}
+        student, _ = shrink(teacher, "bert", s, config, data)
+        row = {"ffn_sparsity": s, "none": stage("prune", student, teacher, data, time.perf_counter() - t0)}
         t0 = time.perf_counter()
         refit(student, teacher, ffn_layers(student, "bert"), ffn_layers(teacher, "bert"), data.tune,
               config.refit_alpha)
-        row["refit"] = _stage("refit", student, teacher, data, time.perf_counter() - t0)
+        row["refit"] = stage("refit", student, teacher, data, time.perf_counter() - t0)
         spent = 0.0
         for budget in distill:
             t0 = time.perf_counter()
-            facts = _distill(student, teacher, config, data, _Ctx(), budget - spent)
+            facts = distill_student(student, teacher, config, data, _Ctx(), budget - spent)
             spent = budget
-            row[f"refit+distill{int(budget)}s"] = _stage("distill", student, teacher, data,
+            row[f"refit+distill{int(budget)}s"] = stage("distill", student, teacher, data,
                                                         time.perf_counter() - t0, **facts)
         print(json.dumps(row), flush=True)
         rows.append(row)

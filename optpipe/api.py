@@ -13,7 +13,8 @@ from typing import Any, Callable
 from optpipe import __version__
 from optpipe.artifact import Artifact, prepare_destination, publish, staging_dir
 from optpipe.errors import OutputError, ValidationFailedError
-from optpipe.pipeline import ModelFiles, Pipeline, PipelineResult, _package_versions
+from optpipe.passbase import ModelFiles, op_counts
+from optpipe.pipeline import Pipeline, PipelineResult, package_versions
 from optpipe.source import ModelSource, resolve_source
 from optpipe.targets import Target, load_target
 from optpipe.validation.encoders import ValidationResult, validate
@@ -41,8 +42,7 @@ def default_output(source: ModelSource, target: Target) -> Path:
 def graph_summary(files: ModelFiles) -> dict[str, Any]:
     import onnx
 
-    from optpipe.passes.fuse import op_counts
-    from optpipe.passes.quantize import INTEGER_OPS
+    from optpipe.passes.quantize_graph import INTEGER_OPS
 
     summary = {}
     for component in files.components:
@@ -85,7 +85,7 @@ def build_manifest(source: ModelSource, target: Target, result: PipelineResult, 
         "size": {"source_bytes": source_bytes, "onnx_bytes": staged.onnx_bytes(),
                  **(compressed_size(staged) if any(r.name == "prune" for r in result.steps) else {})},
         "validation": validation.to_json(),
-        "versions": {"python": platform.python_version(), **_package_versions()},
+        "versions": {"python": platform.python_version(), **package_versions()},
     }
 
 
@@ -112,7 +112,7 @@ def optimize(
     """
     say = progress or log.info
     resolved_target = resolve_target(target, overrides, pipeline)
-    calibration_path, column = _check_calibration(calibration)
+    calibration_path, column = check_calibration(calibration)
     if column and resolved_target.pass_spec("quantize") is not None:
         resolved_target = resolved_target.with_overrides([f"quantize.calibration_column={column}"])
     from optpipe.passes import PASSES
@@ -157,7 +157,7 @@ def optimize(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _check_calibration(calibration: str | Path | None) -> tuple[Path | None, str | None]:
+def check_calibration(calibration: str | Path | None) -> tuple[Path | None, str | None]:
     """The calibration file and the column named with FILE.csv:COLUMN, checked (readable, has texts) before any work."""
     if calibration is None:
         return None, None

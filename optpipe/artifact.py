@@ -72,10 +72,10 @@ class Artifact:
     @property
     def target(self):
         """The target as it was run (overrides applied), rebuilt from the manifest."""
-        from optpipe.targets import Target, _from_toml
+        from optpipe.targets import Target, target_from_toml
 
         data = dict(self.manifest["target"])
-        target = _from_toml(data, str(self.path / MANIFEST))
+        target = target_from_toml(data, str(self.path / MANIFEST))
         return Target(**{**target.__dict__, "overrides": tuple(data.get("overrides", ()))})
 
     def verify(self) -> list[str]:

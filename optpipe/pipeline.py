@@ -1,4 +1,4 @@
-"""Pass protocol, ModelFiles/PassResult, and the Pipeline that runs a recipe with checks, cache and progress."""
+"""The Pipeline: runs a recipe's passes in order with static order checks, requires/ensures, the cache and progress."""
 
 from __future__ import annotations
 
@@ -7,68 +7,21 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any
 
+from optpipe import cache
 from optpipe.errors import InvalidOptionError, OptpipeError, PassFailedError, PipelineOrderError
+from optpipe.passbase import ModelFiles, Pass, PassContext, PassResult, Progress
 from optpipe.recipe import PassSpec
 from optpipe.source import ModelSource
 
 log = logging.getLogger("optpipe")
-
-Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    """What flows between passes: a directory of kind "hf" or "onnx" and, for ONNX, its component files."""
-
-    path: Path
-    kind: str
-    components: tuple[str, ...] = ()
-
-    def component_paths(self) -> list[Path]:
-        return [self.path / c for c in self.components]
-
-    def onnx_bytes(self) -> int:
-        """Bytes of the ONNX components with their external data, if any."""
-        total = 0
-        for file in self.path.iterdir():
-            if file.suffix in (".onnx", ".onnx_data") or file.name.endswith(".onnx.data"):
-                total += file.stat().st_size
-        return total
-
-
-@dataclass(frozen=True)
-class PassResult:
-    files: ModelFiles
-    report: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class PassContext:
-    source: ModelSource
-    target: Any  # optpipe.targets.Target (kept untyped here to avoid an import cycle)
-    out_dir: Path
-    progress: Progress
-    calibration: Path | None = None
-
-
-class Pass(Protocol):
-    name: ClassVar[str]
-    consumes: ClassVar[str]
-    produces: ClassVar[str]
-    Config: ClassVar[type]
-    # True when the output depends on the target beyond the pass's own options (e.g. GPU fusions).
-    target_dependent: ClassVar[bool]
-
-    def run(self, files: ModelFiles, config: Any, ctx: PassContext) -> PassResult: ...
 
 
 @dataclass(frozen=True)
@@ -86,17 +39,6 @@ class StepRecord:
 class PipelineResult:
     files: ModelFiles
     steps: tuple[StepRecord, ...] = field(default_factory=tuple)
-
-
-def copy_aux_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    """Carry config, tokenizer and other non-ONNX files from one stage's directory to the next."""
-    for item in src.iterdir():
-        if item.name in skip or item.suffix == ".onnx" or item.name.endswith((".onnx_data", ".onnx.data")):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(item, dst / item.name)
 
 
 def _coerce(value: Any, annotation: Any) -> Any:
@@ -131,20 +73,13 @@ def config_json(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
-def cache_root() -> Path:
-    env = os.environ.get("OPTPIPE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "optpipe"
-
-
-def _package_versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour shapes an artifact (recorded in manifests and cache keys)."""
     from importlib import metadata
 
     versions = {}
     for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu",
-                 "neural-compressor"):
+                 "neural-compressor", "gguf"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -161,7 +96,7 @@ def code_fingerprint() -> str:
 
     digest = hashlib.sha256()
     for package in (optpipe, optpipe.passes):
-        for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        for path in sorted(Path(package.__file__).parent.rglob("*.py")):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -170,8 +105,8 @@ def code_fingerprint() -> str:
 class Pipeline:
     """Runs passes in order. Each pass writes a fresh directory; outputs are cached by content-derived keys."""
 
-    def __init__(self, specs: list[PassSpec] | tuple[PassSpec, ...], registry: dict[str, type]):
-        self.steps: list[tuple[type, Any]] = []
+    def __init__(self, specs: list[PassSpec] | tuple[PassSpec, ...], registry: dict[str, type[Pass]]):
+        self.steps: list[tuple[type[Pass], Any]] = []
         for spec in specs:
             if spec.name not in registry:
                 raise InvalidOptionError(f"unknown pass {spec.name!r} (passes: {', '.join(sorted(registry))})")
@@ -193,14 +128,19 @@ class Pipeline:
         if kind != "onnx":
             raise PipelineOrderError("the pipeline must end with an ONNX model: add the export pass")
 
-    def _key(self, previous: str, pass_cls: type, config: Any, target_name: str, versions: dict) -> str:
+    @staticmethod
+    def step_key(previous: str, pass_cls: type[Pass], config: Any, target_name: str, versions: dict,
+                 calibration_hash: str | None) -> str:
+        """A pass output's cache key: what the pass reads and nothing else (the calibration texts only for the
+        pass that calibrates, the target only for target-dependent passes)."""
         payload = {
             "input": previous,
             "pass": pass_cls.name,
             "config": config_json(config),
             "versions": versions,
             "code": code_fingerprint(),
-            "target": target_name if getattr(pass_cls, "target_dependent", False) else None,
+            "target": target_name if pass_cls.target_dependent else None,
+            "calibration": calibration_hash if pass_cls.reads_calibration else None,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -214,36 +154,46 @@ class Pipeline:
         calibration: Path | None = None,
     ) -> PipelineResult:
         files = ModelFiles(source.path, "hf")
-        key = source.content_hash if calibration is None else source.content_hash + _file_hash(calibration)
-        versions = _package_versions()
-        root = cache_root()
+        key = source.content_hash
+        calibration_hash = _file_hash(calibration) if calibration is not None else None
+        versions = package_versions()
         records = []
         for index, (pass_cls, config) in enumerate(self.steps, start=1):
-            key = self._key(key, pass_cls, config, target.name, versions)
+            key = self.step_key(key, pass_cls, config, target.name, versions, calibration_hash)
             label = f"[{index}/{len(self.steps)}] {pass_cls.name}"
-            bytes_in = files.onnx_bytes() if files.kind == "onnx" else _dir_bytes(files.path)
-            cached = _load_cached(root / f"{pass_cls.name}-{key[:20]}") if use_cache else None
-            if cached is not None:
-                result, seconds = cached
+            bytes_in = files.size_bytes()
+            entry = cache.entry_path(pass_cls.name, key)
+            hit = cache.load(entry) if use_cache else None
+            if hit is not None:
+                result = PassResult(ModelFiles(hit.files_dir, hit.kind, hit.components),
+                                    pass_cls.Report.from_json(hit.report))
+                seconds = hit.seconds
                 progress(f"{label}: cached")
             else:
                 progress(f"{label} ...")
-                result, seconds = self._run_pass(pass_cls, config, files, source, target, workdir, progress, calibration)
+                ctx = PassContext(source, target, Path(tempfile.mkdtemp(prefix=f"{pass_cls.name}-", dir=workdir)),
+                                  progress, calibration)
+                result, seconds = self._run_pass(pass_cls, config, files, ctx)
                 if use_cache:
-                    result = _store_cached(root / f"{pass_cls.name}-{key[:20]}", result, seconds)
+                    stored = cache.store(entry, result.files.path, result.files.kind, result.files.components,
+                                         result.report.to_json(), seconds)
+                    if stored is not None:
+                        result = PassResult(ModelFiles(stored.files_dir, stored.kind, stored.components),
+                                            result.report)
                 progress(f"{label}: done in {seconds:.1f}s")
             files = result.files
-            bytes_out = files.onnx_bytes() if files.kind == "onnx" else _dir_bytes(files.path)
-            records.append(StepRecord(pass_cls.name, config_json(config), result.report, round(seconds, 3),
-                                      cached is not None, bytes_in, bytes_out))
+            records.append(StepRecord(pass_cls.name, config_json(config), result.report.to_json(), round(seconds, 3),
+                                      hit is not None, bytes_in, files.size_bytes()))
         return PipelineResult(files, tuple(records))
 
-    def _run_pass(self, pass_cls, config, files, source, target, workdir, progress, calibration):
-        out_dir = Path(tempfile.mkdtemp(prefix=f"{pass_cls.name}-", dir=workdir))
-        ctx = PassContext(source, target, out_dir, progress, calibration)
+    @staticmethod
+    def _run_pass(pass_cls: type[Pass], config: Any, files: ModelFiles, ctx: PassContext) -> tuple[PassResult, float]:
         started = time.perf_counter()
+        instance = pass_cls()
         try:
-            result = pass_cls().run(files, config, ctx)
+            instance.requires(files, config, ctx)
+            result = instance.call(files, config, ctx)
+            instance.ensures(result, config, ctx)
         except (OptpipeError, KeyboardInterrupt, MemoryError):
             raise
         except OSError as exc:
@@ -258,53 +208,5 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else ""
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _load_cached(entry: Path) -> tuple[PassResult, float] | None:
-    meta_file = entry / "optpipe-pass.json"
-    if not meta_file.is_file():
-        return None
-    try:
-        meta = json.loads(meta_file.read_text())
-        files = ModelFiles(entry / "files", meta["kind"], tuple(meta["components"]))
-        if not all(p.is_file() for p in files.component_paths()):
-            return None
-        return PassResult(files, meta["report"]), float(meta["seconds"])
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def _store_cached(entry: Path, result: PassResult, seconds: float) -> PassResult:
-    """Move a pass output into the cache atomically; on any failure keep using the uncached output."""
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=entry.parent))
-        shutil.move(str(result.files.path), str(staging / "files"))
-        meta = {"kind": result.files.kind, "components": list(result.files.components),
-                "report": result.report, "seconds": seconds}
-        (staging / "optpipe-pass.json").write_text(json.dumps(meta, default=str))
-        try:
-            staging.rename(entry)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)  # another run stored it first
-        cached = _load_cached(entry)
-        return cached[0] if cached else result
-    except OSError as exc:
-        log.warning("could not write the pass cache (%s); continuing without it", exc)
-        return result
-
-
-def clear_cache() -> int:
-    """Delete every cached pass output; returns bytes freed."""
-    root = cache_root()
-    if not root.exists():
-        return 0
-    freed = _dir_bytes(root)
-    shutil.rmtree(root)
-    return freed

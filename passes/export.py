@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from optpipe.errors import UnsupportedModelError
-from optpipe.pipeline import ModelFiles, PassContext, PassResult
+from optpipe.passbase import ModelFiles, Pass, PassContext, PassResult, Report
 
 log = logging.getLogger("optpipe.export")
 
@@ -42,14 +42,24 @@ def supported_tasks(model_type: str) -> list[str]:
         return []
 
 
-class ExportPass:
+@dataclass(frozen=True)
+class ExportReport(Report):
+    task: str = ""
+    components: tuple[str, ...] = ()
+    opset: int | str = "optimum default"
+    validated_by_optimum: bool = True
+    atol: float = 0.0
+    dropped: dict[str, str] = field(default_factory=dict)  # file -> why it is not in the artifact
+
+
+class ExportPass(Pass):
     name = "export"
     consumes = "hf"
     produces = "onnx"
     Config = ExportConfig
-    target_dependent = False
+    Report = ExportReport
 
-    def run(self, files: ModelFiles, config: ExportConfig, ctx: PassContext) -> PassResult:
+    def call(self, files: ModelFiles, config: ExportConfig, ctx: PassContext) -> PassResult:
         from optimum.exporters.onnx import main_export
 
         source = ctx.source
@@ -76,11 +86,11 @@ class ExportPass:
         out = Path(ctx.out_dir)
         dropped = _drop_merged_decoder(out)
         components = _ordered(p.name for p in out.glob("*.onnx"))
-        report = {"task": task, "components": list(components), "opset": config.opset or "optimum default",
-                  "validated_by_optimum": config.do_validation, "atol": config.atol}
-        if dropped:
-            report["dropped"] = {dropped: "merged decoder (If node): ONNX Runtime's optimizer cannot fuse inside "
-                                          "it; decoder_model.onnx + decoder_with_past_model.onnx are kept instead"}
+        why = ("merged decoder (If node): ONNX Runtime's optimizer cannot fuse inside it; decoder_model.onnx + "
+               "decoder_with_past_model.onnx are kept instead")
+        report = ExportReport(task=task, components=components, opset=config.opset or "optimum default",
+                              validated_by_optimum=config.do_validation, atol=config.atol,
+                              dropped={dropped: why} if dropped else {})
         return PassResult(ModelFiles(ctx.out_dir, "onnx", components), report)
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from optpipe.errors import InvalidOptionError
-from optpipe.pipeline import ModelFiles, PassContext, PassResult, copy_aux_files
+from optpipe.passbase import OnnxPass, PassContext, Report, needs_external_data
 
 log = logging.getLogger("optpipe.fp16")
 
@@ -58,57 +59,70 @@ def _io_types(model) -> dict[str, str]:
             for v in (*model.graph.input, *model.graph.output)}
 
 
-class Fp16Pass:
-    name = "fp16"
-    consumes = "onnx"
-    produces = "onnx"
-    Config = Fp16Config
-    target_dependent = False
+@dataclass(frozen=True)
+class Fp16Component(Report):
+    float16_initializers: int = 0
+    float32_initializers: int = 0
+    float32_initializers_before: int = 0
+    casts_added: int = 0
+    kept_float: dict[str, str] = field(default_factory=dict)  # node -> why it stays float32
+    clamped_initializers: tuple[str, ...] = ()
+    io_types: dict[str, str] = field(default_factory=dict)
 
-    def run(self, files: ModelFiles, config: Fp16Config, ctx: PassContext) -> PassResult:
+
+@dataclass(frozen=True)
+class Fp16Report(Report):
+    keep_io_types: bool = True
+    components: dict[str, Fp16Component] = field(default_factory=dict)
+    note: str = ""
+
+
+class Fp16Pass(OnnxPass):
+    name = "fp16"
+    Config = Fp16Config
+    Report = Fp16Report
+
+    def transform(self, src: Path, dst: Path, config: Fp16Config, ctx: PassContext) -> Fp16Component:
         import onnx
         from onnx import TensorProto
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
         from onnxruntime.transformers.onnx_model import OnnxModel
 
         block_ops = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(config.keep_float_ops))
-        report: dict = {"keep_io_types": config.keep_io_types, "components": {}}
-        for component in files.components:
-            ctx.progress(f"  converting {component} to float16")
-            model = onnx.load(str(files.path / component))
-            float_inits, _, clamped = _float_initializer_facts(model)
-            casts_before = sum(1 for n in model.graph.node if n.op_type == "Cast")
-            kept = {n.name or n.output[0]: f"op type {n.op_type} is kept float32"
-                    for n in model.graph.node if n.op_type in block_ops}
-            kept.update({name: "kept float32 by the recipe (keep_float_nodes)" for name in config.keep_float_nodes})
-            wrapped = OnnxModel(model)
-            # Symbolic shape inference types the outputs of fused contrib ops (Attention, SkipLayerNormalization)
-            # that ONNX's own inference does not know; without types the converter cannot place its Casts.
-            wrapped.convert_float_to_float16(
-                use_symbolic_shape_infer=True,
-                keep_io_types=config.keep_io_types,
-                op_block_list=block_ops,
-                node_block_list=list(config.keep_float_nodes),
-                force_fp16_initializers=config.force_fp16_initializers,
-            )
-            large = wrapped.model.ByteSize() > 1_800_000_000
-            wrapped.save_model_to_file(str(ctx.out_dir / component), use_external_data_format=large)
-            out = wrapped.model
-            kinds = [init.data_type for init in out.graph.initializer]
-            report["components"][component] = {
-                "float16_initializers": kinds.count(TensorProto.FLOAT16),
-                "float32_initializers": kinds.count(TensorProto.FLOAT),
-                "float32_initializers_before": float_inits,
-                "casts_added": sum(1 for n in out.graph.node if n.op_type == "Cast") - casts_before,
-                "kept_float": kept,
-                "clamped_initializers": clamped,
-                "io_types": _io_types(out),
-            }
-            if clamped:
-                log.warning("%s: %d initializers hold values outside float16's range and were clamped",
-                            component, len(clamped))
-        report["note"] = "; ".join(
-            f"{name}: {c['float16_initializers']} float16 initializers, {len(c['kept_float'])} nodes kept float32"
-            for name, c in report["components"].items())
-        copy_aux_files(files.path, ctx.out_dir)
-        return PassResult(ModelFiles(ctx.out_dir, "onnx", files.components), report)
+        ctx.progress(f"  converting {src.name} to float16")
+        model = onnx.load(str(src))
+        float_inits, _, clamped = _float_initializer_facts(model)
+        casts_before = sum(1 for n in model.graph.node if n.op_type == "Cast")
+        kept = {n.name or n.output[0]: f"op type {n.op_type} is kept float32"
+                for n in model.graph.node if n.op_type in block_ops}
+        kept.update({name: "kept float32 by the recipe (keep_float_nodes)" for name in config.keep_float_nodes})
+        wrapped = OnnxModel(model)
+        # Symbolic shape inference types the outputs of fused contrib ops (Attention, SkipLayerNormalization)
+        # that ONNX's own inference does not know; without types the converter cannot place its Casts.
+        wrapped.convert_float_to_float16(
+            use_symbolic_shape_infer=True,
+            keep_io_types=config.keep_io_types,
+            op_block_list=block_ops,
+            node_block_list=list(config.keep_float_nodes),
+            force_fp16_initializers=config.force_fp16_initializers,
+        )
+        wrapped.save_model_to_file(str(dst), use_external_data_format=needs_external_data(wrapped.model))
+        out = wrapped.model
+        kinds = [init.data_type for init in out.graph.initializer]
+        if clamped:
+            log.warning("%s: %d initializers hold values outside float16's range and were clamped",
+                        src.name, len(clamped))
+        return Fp16Component(
+            float16_initializers=kinds.count(TensorProto.FLOAT16),
+            float32_initializers=kinds.count(TensorProto.FLOAT),
+            float32_initializers_before=float_inits,
+            casts_added=sum(1 for n in out.graph.node if n.op_type == "Cast") - casts_before,
+            kept_float=kept,
+            clamped_initializers=tuple(clamped),
+            io_types=_io_types(out),
+        )
+
+    def summarize(self, components: dict[str, Fp16Component], config: Fp16Config, ctx: PassContext) -> Fp16Report:
+        note = "; ".join(f"{name}: {c.float16_initializers} float16 initializers, {len(c.kept_float)} nodes kept "
+                         "float32" for name, c in components.items())
+        return Fp16Report(keep_io_types=config.keep_io_types, components=components, note=note)

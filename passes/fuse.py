@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from optpipe.errors import InvalidOptionError
-from optpipe.pipeline import ModelFiles, PassContext, PassResult, copy_aux_files
+from optpipe.passbase import OnnxPass, PassContext, Report, needs_external_data, op_counts
 
 log = logging.getLogger("optpipe.fuse")
 
@@ -57,59 +57,69 @@ class FuseConfig:
             raise InvalidOptionError(f"fuse.opt_level must be 0, 1 or 2 (99 is hardware-specific), not {self.opt_level}")
 
 
-def op_counts(model) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+@dataclass(frozen=True)
+class FusedComponent(Report):
+    fused: dict[str, int] = field(default_factory=dict)  # fused op type -> count
+    nodes_before: int = 0
+    nodes_after: int = 0
+    not_fused: tuple[str, ...] = ()  # why an expected fusion did not happen
 
 
-class FusePass:
+@dataclass(frozen=True)
+class FuseReport(Report):
+    model_type: str = "none"  # the onnxruntime optimizer type used
+    flavor: str = "cpu"
+    num_heads: int = 0
+    hidden_size: int = 0
+    components: dict[str, FusedComponent] = field(default_factory=dict)
+    note: str | None = None
+
+
+class FusePass(OnnxPass):
     name = "fuse"
-    consumes = "onnx"
-    produces = "onnx"
     Config = FuseConfig
-    target_dependent = False
+    Report = FuseReport
 
-    def run(self, files: ModelFiles, config: FuseConfig, ctx: PassContext) -> PassResult:
+    @staticmethod
+    def optimizer_type(config: FuseConfig, model_type: str) -> tuple[str | None, str | None]:
+        """The onnxruntime optimizer type for a Hugging Face model_type, and a note when it is not the obvious one."""
+        opt_type = config.model_type or OPTIMIZER_MODEL_TYPE.get(model_type)
+        if config.flavor == "cpu" and opt_type in _CPU_SUBSTITUTE and config.model_type is None:
+            return _CPU_SUBSTITUTE[opt_type]
+        if opt_type is None:
+            return None, (f"no transformer optimizer for model_type {model_type!r}: fell back to "
+                          "ONNX Runtime's generic graph optimizations (constant folding, basic fusions)")
+        return opt_type, None
+
+    def transform(self, src: Path, dst: Path, config: FuseConfig, ctx: PassContext) -> FusedComponent:
         import onnx
         from onnxruntime.transformers.optimizer import optimize_model
 
-        hf_type = ctx.source.model_type
-        opt_type = config.model_type or OPTIMIZER_MODEL_TYPE.get(hf_type)
-        heads, hidden = attention_shape(files.path)
-        report: dict = {"model_type": opt_type or "none", "flavor": config.flavor, "num_heads": heads,
-                        "hidden_size": hidden, "components": {}}
-        if config.flavor == "cpu" and opt_type in _CPU_SUBSTITUTE and config.model_type is None:
-            opt_type, report["note"] = _CPU_SUBSTITUTE[opt_type]
-            report["model_type"] = opt_type
-        if opt_type is None:
-            report["note"] = (f"no transformer optimizer for model_type {hf_type!r}: fell back to "
-                              "ONNX Runtime's generic graph optimizations (constant folding, basic fusions)")
-        for component in files.components:
-            ctx.progress(f"  fusing {component} ({opt_type or 'generic'})")
-            before = op_counts(onnx.load(str(files.path / component), load_external_data=False))
-            optimized = optimize_model(
-                str(files.path / component),
-                model_type=opt_type or "bert",
-                opt_level=config.opt_level if opt_type else 1,
-                use_gpu=config.flavor == "gpu",
-                only_onnxruntime=opt_type is None,
-                # 0 asks the optimizer to detect them from the graph, which fails on several exporters' graphs
-                num_heads=heads,
-                hidden_size=hidden,
-            )
-            fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
-            optimized.save_model_to_file(str(ctx.out_dir / component), use_external_data_format=_is_large(optimized))
-            after = op_counts(optimized.model)
-            report["components"][component] = {
-                "fused": fused,
-                "nodes_before": sum(before.values()),
-                "nodes_after": sum(after.values()),
-                "not_fused": _missed(before, fused, opt_type),
-            }
-        copy_aux_files(files.path, ctx.out_dir)
-        return PassResult(ModelFiles(ctx.out_dir, "onnx", files.components), report)
+        opt_type, _ = self.optimizer_type(config, ctx.source.model_type)
+        heads, hidden = attention_shape(src.parent)
+        ctx.progress(f"  fusing {src.name} ({opt_type or 'generic'})")
+        before = op_counts(onnx.load(str(src), load_external_data=False))
+        optimized = optimize_model(
+            str(src),
+            model_type=opt_type or "bert",
+            opt_level=config.opt_level if opt_type else 1,
+            use_gpu=config.flavor == "gpu",
+            only_onnxruntime=opt_type is None,
+            # 0 asks the optimizer to detect them from the graph, which fails on several exporters' graphs
+            num_heads=heads,
+            hidden_size=hidden,
+        )
+        fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+        optimized.save_model_to_file(str(dst), use_external_data_format=needs_external_data(optimized.model))
+        return FusedComponent(fused=fused, nodes_before=sum(before.values()),
+                              nodes_after=sum(op_counts(optimized.model).values()),
+                              not_fused=tuple(_missed(before, fused, opt_type)))
+
+    def summarize(self, components: dict[str, FusedComponent], config: FuseConfig, ctx: PassContext) -> FuseReport:
+        opt_type, note = self.optimizer_type(config, ctx.source.model_type)
+        heads, hidden = attention_shape(ctx.out_dir)
+        return FuseReport(model_type=opt_type or "none", flavor=config.flavor, num_heads=heads, hidden_size=hidden,
+                          components=components, note=note)
 
 
 # config.json keys for (attention heads, hidden size) across architectures, first match wins.
@@ -126,10 +136,6 @@ def attention_shape(model_dir: Path) -> tuple[int, int]:
     heads = next((int(config[k]) for k in _HEADS_KEYS if isinstance(config.get(k), int)), 0)
     hidden = next((int(config[k]) for k in _HIDDEN_KEYS if isinstance(config.get(k), int)), 0)
     return heads, hidden
-
-
-def _is_large(optimized) -> bool:
-    return optimized.model.ByteSize() > 1_800_000_000
 
 
 def _missed(before: dict[str, int], fused: dict[str, int], opt_type: str | None) -> list[str]:

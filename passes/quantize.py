@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from optpipe.errors import InvalidOptionError
-from optpipe.pipeline import ModelFiles, PassContext, PassResult, copy_aux_files
+from optpipe.passbase import OnnxPass, PassContext, Report, needs_external_data
+from optpipe.passes.quantize_graph import (KEEP_FLOAT_ROLES, float_exclusions, float_matmuls, integer_op_counts,
+                                          quantized_node_count, stamp_kept_float, unmatched_roles)
 
 log = logging.getLogger("optpipe.quantize")
-
-GELU_OPS = {"Gelu", "BiasGelu", "FastGelu", "QuickGelu"}
-INTEGER_OPS = {"MatMulInteger", "QAttention", "DynamicQuantizeMatMul", "QGemm", "QLinearMatMul", "ConvInteger",
-               "QEmbedLayerNormalization", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
-               "QLinearConv", "QLinearAdd", "QLinearMul", "MatMulIntegerToFloat", "GatherBlockQuantized"}
-
-# Named groups of nodes a recipe can keep in float, with the reason recorded in the report.
-KEEP_FLOAT_ROLES = {
-    "ffn_output": "FFN down-projection: its input is post-GELU activations with outliers that per-tensor "
-                  "uint8 activation quantization clips",
-    "attention": "fused attention kept in float for fidelity",
-    "lm_head": "the output projection (logits) is the most sensitive layer of a generator",
-}
-
 
 @dataclass(frozen=True)
 class QuantizeConfig:
@@ -74,156 +64,73 @@ class QuantizeConfig:
             raise InvalidOptionError("quantize.calibration_column must be a column name")
 
 
-def nodes_in_role(model, role: str) -> list[str]:
-    """Find the nodes of a keep_float role from the graph's structure, so it works for any naming."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    names = []
-    for node in model.graph.node:
-        if role == "ffn_output" and node.op_type == "MatMul":
-            src = producers.get(node.input[0])
-            if src is not None and (src.op_type in GELU_OPS or _is_unfused_gelu(src, producers)):
-                names.append(node.name)
-        elif role == "attention" and node.op_type in ("Attention", "MultiHeadAttention"):
-            names.append(node.name)
-        elif role == "lm_head" and node.op_type in ("MatMul", "Gemm"):
-            if any(out in {o.name for o in model.graph.output} for out in node.output):
-                names.append(node.name)
-    return names
+@dataclass(frozen=True)
+class QuantizedComponent(Report):
+    integer_ops: dict[str, int] = field(default_factory=dict)
+    kept_float: dict[str, str] = field(default_factory=dict)  # node -> why it stays float
+    quantized_nodes: int = 0
+    float_matmuls: dict[str, int] = field(default_factory=dict)  # why a MatMul stayed float -> how many
+    unmatched_roles: tuple[str, ...] = ()  # keep_float roles that matched no node here
+    # static mode (passes/quantize_static.py)
+    quant_format: str | None = None
+    calibrate_method: str | None = None
+    percentile: float | None = None
+    activations: str | None = None
+    weights: str | None = None
+    quantize_outputs: bool | None = None
+    shape_inference: str | None = None
+    calibration: dict[str, Any] | None = None
+    ranges_file: str | None = None
+    ranges_tensors: int | None = None
+    sensitivity: dict[str, float] | None = None  # node -> fidelity lost when quantized alone
+    kept_by_sensitivity: tuple[str, ...] | None = None  # the most sensitive nodes, kept float for that reason
 
 
-def _is_unfused_gelu(node, producers) -> bool:
-    # x * 0.5 * (1 + erf(x / sqrt 2)): the final Mul has an Add(Erf) two steps up
-    if node.op_type != "Mul":
-        return False
-    for name in node.input:
-        parent = producers.get(name)
-        if parent is not None and parent.op_type in ("Mul", "Add"):
-            for grand in parent.input:
-                gp = producers.get(grand)
-                if gp is not None and gp.op_type in ("Erf", "Tanh", "Add"):
-                    return True
-    return False
+@dataclass(frozen=True)
+class QuantizeReport(Report):
+    mode: str = "dynamic"
+    per_channel: bool = True
+    components: dict[str, QuantizedComponent] = field(default_factory=dict)
 
 
-def float_exclusions(model, config: QuantizeConfig) -> dict[str, str]:
-    """Node name -> why it stays in float."""
-    excluded: dict[str, str] = {}
-    for role in config.keep_float:
-        for name in nodes_in_role(model, role):
-            excluded[name] = KEEP_FLOAT_ROLES[role]
-    for node in model.graph.node:
-        # QAttention needs a bias input; attention fused from a bias-free model (T5) has none
-        if node.op_type == "Attention" and (len(node.input) < 3 or not node.input[2]):
-            excluded.setdefault(node.name, "fused Attention without bias: QAttention requires one")
-    if config.exclude_nodes:
-        patterns = [re.compile(p) for p in config.exclude_nodes]
-        for node in model.graph.node:
-            if node.name in config.exclude_nodes or any(p.fullmatch(node.name) for p in patterns):
-                excluded.setdefault(node.name, "excluded by the recipe (exclude_nodes)")
-    return excluded
-
-
-KEPT_FLOAT_METADATA = "optpipe.kept_float"
-
-
-def stamp_kept_float(path, kept: dict[str, str]) -> None:
-    """Record in the model which nodes stay float and why, so graph checks can tell a choice from a miss."""
-    import json
-
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                        KEPT_FLOAT_METADATA: json.dumps(kept, sort_keys=True)})
-    onnx.save(model, str(path))
-
-
-def recorded_kept_float(model) -> dict[str, str]:
-    """The kept-float nodes a quantize pass recorded in the model (empty when none were recorded)."""
-    import json
-
-    for prop in model.metadata_props:
-        if prop.key == KEPT_FLOAT_METADATA:
-            return json.loads(prop.value)
-    return {}
-
-
-def integer_op_counts(model) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type in INTEGER_OPS:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
-
-
-# Ops that are themselves an integer computation (dynamic / QOperator); QDQ graphs count DQ-fed MatMuls instead.
-_INTEGER_COMPUTE = {"MatMulInteger", "QAttention", "QGemm", "QLinearMatMul", "QLinearConv", "ConvInteger",
-                    "QEmbedLayerNormalization", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "GatherBlockQuantized"}
-
-
-def quantized_node_count(model) -> int:
-    """Nodes computing on int8 weights: integer ops, plus MatMul/Gemm whose weight comes from a DequantizeLinear."""
-    producers = {out: node.op_type for node in model.graph.node for out in node.output}
-    count = 0
-    for node in model.graph.node:
-        if node.op_type in _INTEGER_COMPUTE:
-            count += 1
-        elif node.op_type in ("MatMul", "Gemm") and producers.get(node.input[1]) == "DequantizeLinear":
-            count += 1
-    return count
-
-
-def float_matmuls(model, excluded: dict[str, str]) -> dict[str, int]:
-    """Why each MatMul/Gemm left in float stayed there, counted by reason (onnxruntime only logs it)."""
-    initializers = {init.name for init in model.graph.initializer}
-    producers = {out: node.op_type for node in model.graph.node for out in node.output}
-    reasons: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or producers.get(node.input[1]) == "DequantizeLinear":
-            continue
-        if node.name in excluded:
-            why = f"kept float: {excluded[node.name]}"
-        elif node.input[1] not in initializers and producers.get(node.input[1]) != "Constant":
-            why = "both inputs are activations (attention scores, or a weight behind a Transpose: tied lm_head)"
-        else:
-            why = "not selected by onnxruntime's quantizer"
-        reasons[why] = reasons.get(why, 0) + 1
-    return reasons
-
-
-class QuantizePass:
+class QuantizePass(OnnxPass):
     name = "quantize"
-    consumes = "onnx"
-    produces = "onnx"
     Config = QuantizeConfig
-    target_dependent = False
+    Report = QuantizeReport
+    reads_calibration = True
 
-    def run(self, files: ModelFiles, config: QuantizeConfig, ctx: PassContext) -> PassResult:
+    def transform(self, src: Path, dst: Path, config: QuantizeConfig, ctx: PassContext) -> QuantizedComponent:
         import onnx
 
-        report: dict = {"mode": config.mode, "per_channel": config.per_channel, "components": {}}
-        for component in files.components:
-            src = files.path / component
-            dst = ctx.out_dir / component
-            model = onnx.load(str(src))
-            excluded = float_exclusions(model, config)
-            large = model.ByteSize() > 1_800_000_000
-            ctx.progress(f"  quantizing {component} ({config.mode}, {len(excluded)} nodes kept in float)")
-            entry = report["components"].setdefault(component, {})
-            if config.mode == "dynamic":
-                self._dynamic(src, dst, config, list(excluded), large)
-            else:
-                from optpipe.passes.quantize_static import quantize_static_component
+        model = onnx.load(str(src))
+        excluded = float_exclusions(model, config)
+        unmatched = unmatched_roles(model, config)
+        for role in unmatched:
+            log.warning("quantize: keep_float role %r matches no node in %s; nothing is kept float for it",
+                        role, src.name)
+        large = needs_external_data(model)
+        del model
+        static: dict[str, Any] = {}
+        if config.mode == "dynamic":
+            ctx.progress(f"  quantizing {src.name} (dynamic)")
+            self._dynamic(src, dst, config, list(excluded), large)
+        else:
+            from optpipe.passes.quantize_static import quantize_static_component
 
-                static = quantize_static_component(src, dst, config, list(excluded), large, ctx)
-                excluded = {**excluded, **static.pop("kept_float")}
-                entry.update(static)
-                stamp_kept_float(dst, excluded)
-            out = onnx.load(str(dst), load_external_data=False)
-            entry.update({"integer_ops": integer_op_counts(out), "kept_float": excluded,
-                          "quantized_nodes": quantized_node_count(out), "float_matmuls": float_matmuls(out, excluded)})
-        copy_aux_files(files.path, ctx.out_dir)
-        return PassResult(ModelFiles(ctx.out_dir, "onnx", files.components), report)
+            ctx.progress(f"  quantizing {src.name} (static, {config.quant_format})")
+            static = quantize_static_component(src, dst, config, list(excluded), large, ctx)
+            excluded = {**excluded, **static.pop("kept_float")}
+            stamp_kept_float(dst, excluded)
+        out = onnx.load(str(dst), load_external_data=False)
+        entry = QuantizedComponent(integer_ops=integer_op_counts(out), kept_float=excluded,
+                                   quantized_nodes=quantized_node_count(out), float_matmuls=float_matmuls(out, excluded),
+                                   unmatched_roles=unmatched, **static)
+        ctx.progress(f"  {src.name}: {entry.quantized_nodes} nodes quantized, {len(entry.kept_float)} kept in float")
+        return entry
+
+    def summarize(self, components: dict[str, QuantizedComponent], config: QuantizeConfig,
+                  ctx: PassContext) -> QuantizeReport:
+        return QuantizeReport(mode=config.mode, per_channel=config.per_channel, components=components)
 
     @staticmethod
     def _dynamic(src, dst, config: QuantizeConfig, excluded: list[str], large: bool) -> None:

@@ -232,5 +232,6 @@ def quantize_static_component(src: Path, dst: Path, config, excluded_nodes: list
         "ranges_file": ranges,
         "ranges_tensors": count,
         "sensitivity": losses,
+        "kept_by_sensitivity": tuple(list(losses)[:config.sensitivity_fallback]),
         "kept_float": kept,
     }

@@ -73,7 +73,7 @@ class Target:
         }
 
 
-def _from_toml(data: dict, origin: str) -> Target:
+def target_from_toml(data: dict, origin: str) -> Target:
     try:
         passes = tuple(
             PassSpec(p["name"], {k: v for k, v in p.items() if k != "name"}) for p in data.get("passes", [])
@@ -106,13 +106,13 @@ def load_target(name_or_path: str | Path) -> Target:
     text = str(name_or_path)
     bundled = _bundled_files()
     if text in bundled:
-        return _from_toml(tomllib.loads(bundled[text].read_text()), text)
+        return target_from_toml(tomllib.loads(bundled[text].read_text()), text)
     path = Path(text).expanduser()
     if text.endswith(".toml") or path.is_file():
         if not path.is_file():
             raise UnknownTargetError(f"target file {text} does not exist")
         try:
-            return _from_toml(tomllib.loads(path.read_text()), text)
+            return target_from_toml(tomllib.loads(path.read_text()), text)
         except tomllib.TOMLDecodeError as exc:
             raise InvalidOptionError(f"target file {text} is not valid TOML: {exc}") from exc
     raise UnknownTargetError(f"unknown target {text!r}; known targets: {', '.join(sorted(bundled))} (or a path to a .toml)")

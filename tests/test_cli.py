@@ -13,7 +13,7 @@ import pytest
 
 
 def optpipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "optpipe.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "optpipe", *args], capture_output=True, text=True,
                           cwd=cwd, env=os.environ.copy(), timeout=600)
 
 
@@ -98,7 +98,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_ctrl_c_during_a_pass_leaves_nothing(tiny_bert_dir, tmp_path):
     out = tmp_path / "art"
-    proc = subprocess.Popen([sys.executable, "-m", "optpipe.cli", "run", str(tiny_bert_dir), "-o", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "optpipe", "run", str(tiny_bert_dir), "-o", str(out),
                              "--no-cache"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=os.environ.copy())
     deadline = time.monotonic() + 300

@@ -188,7 +188,7 @@ def test_missing_provider_is_one_line_with_the_install_command():
 
 
 def test_cli_run_says_deferred(tiny_bert_dir, tmp_path, cuda_fp16):
-    result = subprocess.run([sys.executable, "-m", "optpipe.cli", "run", str(tiny_bert_dir), "-t", "cuda-fp16",
+    result = subprocess.run([sys.executable, "-m", "optpipe", "run", str(tiny_bert_dir), "-t", "cuda-fp16",
                              "-o", str(tmp_path / "art")], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     if not HAS_CUDA:
@@ -202,7 +202,7 @@ def test_graph_cpu_cannot_run_is_recorded_not_failed(cuda_fp16, tiny_bert_dir, t
     """A GPU graph may hold an op with only a CUDA kernel (here BiasAdd): CPU validation says so plainly."""
     from onnx import helper
 
-    from optpipe.pipeline import ModelFiles
+    from optpipe.passbase import ModelFiles
     from optpipe.source import resolve_source
     from optpipe.targets import load_target
     from optpipe.validation.encoders import validate
@@ -265,7 +265,7 @@ def test_harness_bench_refuses_gpu_artifacts_with_exit_2(cuda_fp16, trt_fp16):
                     reason="CUDA works here, or `optpipe bench` is not in this tree")
 def test_cli_bench_on_a_gpu_artifact_is_one_line_exit_2(cuda_fp16, trt_fp16):
     for artifact, provider in ((cuda_fp16, "CUDAExecutionProvider"), (trt_fp16, "TensorrtExecutionProvider")):
-        result = subprocess.run([sys.executable, "-m", "optpipe.cli", "bench", str(artifact.path), "--runs", "2"],
+        result = subprocess.run([sys.executable, "-m", "optpipe", "bench", str(artifact.path), "--runs", "2"],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         errors = [line for line in result.stderr.splitlines() if line.startswith("optpipe: error:")]

@@ -49,6 +49,6 @@ def test_cache_key_changes_with_the_code(monkeypatch):
 
     pipe = Pipeline(parse_pipeline("export,quantize"), PASSES)
     config = pipe.steps[1][1]
-    before = pipe._key("input", QuantizePass, config, "cpu-int8", {})
+    before = pipe.step_key("input", QuantizePass, config, "cpu-int8", {}, None)
     monkeypatch.setattr(pipeline, "code_fingerprint", lambda: "edited")
-    assert pipe._key("input", QuantizePass, config, "cpu-int8", {}) != before
+    assert pipe.step_key("input", QuantizePass, config, "cpu-int8", {}, None) != before

@@ -4,6 +4,7 @@ models, unstructured sparsity, refit, candidate choice, and unsupported architec
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -14,7 +15,7 @@ from onnx import numpy_helper
 from optpipe import optimize
 from optpipe.errors import UnsupportedModelError
 from optpipe.passes.prune import PruneConfig, PrunePass
-from optpipe.pipeline import ModelFiles, PassContext
+from optpipe.passbase import ModelFiles, PassContext
 from optpipe.source import resolve_source
 from tests import models
 
@@ -24,8 +25,8 @@ def _prune(model_dir, tmp_path, **options):
     out = tmp_path / "pruned"
     out.mkdir(parents=True)
     ctx = PassContext(source, None, out, lambda _msg: None)
-    result = PrunePass().run(ModelFiles(source.path, "hf"), PruneConfig(**options), ctx)
-    return result
+    result = PrunePass().call(ModelFiles(source.path, "hf"), PruneConfig(**options), ctx)
+    return SimpleNamespace(files=result.files, report=result.report.to_json())
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +113,15 @@ def test_unstructured_reaches_sparsity_and_leaves_embeddings(tiny_bert_dir, tmp_
 
 
 def test_refit_reduces_reconstruction_error(tiny_bert_dir):
-    from optpipe.passes.prune import _Data, _load, _shrink
+    from optpipe.passes.prune_strategies import PruneData, load_model, shrink
     from optpipe.passes.prune_model import ffn_layers
     from optpipe.passes.prune_recovery import augmented, encode, reconstruction_error, refit
     from optpipe.data.texts import calibration_texts
 
-    teacher, tokenizer = _load(tiny_bert_dir)
+    teacher, tokenizer = load_model(tiny_bert_dir)
     batches = encode(tokenizer, augmented(calibration_texts()))
-    data = _Data(tokenizer, batches, batches[:1], batches[:1], calibration_texts())
-    student, _ = _shrink(teacher, "bert", 0.5, PruneConfig(), data)
+    data = PruneData(tokenizer, batches, batches[:1], batches[:1], calibration_texts())
+    student, _ = shrink(teacher, "bert", 0.5, PruneConfig(), data)
     s_layers, t_layers = ffn_layers(student, "bert"), ffn_layers(teacher, "bert")
     before = [reconstruction_error(s.down, t.down, student, teacher, batches) for s, t in zip(s_layers, t_layers)]
     report = refit(student, teacher, s_layers, t_layers, batches, alpha=0.1)

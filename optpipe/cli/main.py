@@ -35,7 +35,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from optpipe.pipeline import cache_root, clear_cache
+    from optpipe.cache import cache_root, clear as clear_cache
 
     if args.action == "clear":
         print(f"removed {mb(clear_cache())} from {cache_root()}")

@@ -118,7 +118,7 @@ def open_model(path: str | Path, threads: int | None = None) -> Measured:
     return Measured(path, "onnx", {path.name: session}, tuple(session.get_providers()), _rss_mb() - before)
 
 
-def _grid_workloads(models: list[Measured], batch: int, seq: int) -> list[list[Workload]]:
+def grid_workloads(models: list[Measured], batch: int, seq: int) -> list[list[Workload]]:
     """The workloads of every model for one (batch, seq); feeds are built once and reused across rounds."""
     out = []
     for model in models:
@@ -127,7 +127,7 @@ def _grid_workloads(models: list[Measured], batch: int, seq: int) -> list[list[W
     return out
 
 
-def _interleave(models: list[Measured], work: list[Workload | None], warmup: int, runs: int | None,
+def interleave(models: list[Measured], work: list[Workload | None], warmup: int, runs: int | None,
                 seconds: float, rng: np.random.Generator) -> list[np.ndarray]:
     """Per model, the time of each round; every round runs each model once in a shuffled order."""
     active = [i for i, w in enumerate(work) if w is not None]
@@ -169,13 +169,13 @@ def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tup
     rows: list[BenchRow] = []
     for batch in batches:
         for seq in seqs:
-            per_model = _grid_workloads(models, batch, seq)
+            per_model = grid_workloads(models, batch, seq)
             names = list(dict.fromkeys(w.name for ws in per_model for w in ws))
             for name in names:
                 work = [next((w for w in ws if w.name == name), None) for ws in per_model]
                 if progress:
                     progress(f"timing {name} bs {batch} seq {seq} ({runs or f'{seconds:g}s'}) ...")
-                series = _interleave(models, work, warmup, runs, seconds, rng)
+                series = interleave(models, work, warmup, runs, seconds, rng)
                 ref = series[0] if work[0] is not None else None
                 for i, (model, w) in enumerate(zip(models, work)):
                     if w is None:
@@ -192,11 +192,11 @@ def interleaved_ratios(model_paths: list[Path], *, batch: int = 1, seq: int = 12
     """Latency of each model relative to the first (ratio 1.0), interleaved for about `seconds`, with a 95%
     interval. Paths may be artifact directories (their target's provider settings) or bare .onnx files."""
     models = [open_model(p, threads) for p in model_paths]
-    per_model = _grid_workloads(models, batch, seq)
+    per_model = grid_workloads(models, batch, seq)
     # Decoders have prefill and decode; the ratio is taken on the first workload (prefill / forward).
     name = per_model[0][0].name
     work = [next((w for w in ws if w.name == name), ws[0]) for ws in per_model]
-    series = _interleave(models, work, WARMUP, None, seconds, np.random.default_rng(0))
+    series = interleave(models, work, WARMUP, None, seconds, np.random.default_rng(0))
     return [paired_ratio(series[0], s) for s in series]
 
 
@@ -218,11 +218,11 @@ def machine_facts(threads: int | None = None) -> dict[str, Any]:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 0
-    from optpipe.pipeline import _package_versions
+    from optpipe.pipeline import package_versions
 
     return {"cpu": cpu, "cores": cores, "threads": threads, "machine": platform.machine(),
             "system": platform.system(), "python": platform.python_version(), "onnxruntime": ort.__version__,
-            "numpy": np.__version__, "versions": _package_versions()}
+            "numpy": np.__version__, "versions": package_versions()}
 
 
 def bench_json(result: BenchResult) -> str:

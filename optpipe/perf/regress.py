@@ -22,7 +22,7 @@ import numpy as np
 from optpipe import __version__
 from optpipe.artifact import Artifact, sha256_file
 from optpipe.errors import BaselineError, InvalidOptionError
-from optpipe.perf.harness import Measured, _interleave, _grid_workloads, machine_facts, open_artifact
+from optpipe.perf.harness import Measured, interleave, grid_workloads, machine_facts, open_artifact
 from optpipe.perf.stats import RatioEstimate, bootstrap_medians, paired_distribution
 
 FORMAT = 1
@@ -90,8 +90,8 @@ def machine_class(facts: dict[str, Any]) -> tuple:
 
 
 def _measure_alone(model: Measured, batch: int, seq: int, seconds: float) -> tuple[str, np.ndarray]:
-    work = _grid_workloads([model], batch, seq)[0][0]
-    return work.name, _interleave([model], [work], 5, None, seconds, np.random.default_rng(0))[0]
+    work = grid_workloads([model], batch, seq)[0][0]
+    return work.name, interleave([model], [work], 5, None, seconds, np.random.default_rng(0))[0]
 
 
 def record_baseline(artifact_dir: str | Path, baseline: str | Path, *, batch: int = 1, seq: int = 128,
@@ -175,9 +175,9 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
     if reference is not None:
         say(f"timing {artifact} interleaved with the reference {reference} ({seconds:g}s) ...")
         ref_model = open_artifact(reference, threads)
-        works = _grid_workloads([ref_model, candidate], batch, seq)
+        works = grid_workloads([ref_model, candidate], batch, seq)
         work = [works[0][0], next((w for w in works[1] if w.name == works[0][0].name), works[1][0])]
-        ref_t, cand_t = _interleave([ref_model, candidate], work, 5, None, seconds, np.random.default_rng(0))
+        ref_t, cand_t = interleave([ref_model, candidate], work, 5, None, seconds, np.random.default_rng(0))
         estimate, samples = paired_distribution(ref_t, cand_t)
         mode, ref_ms = "interleaved", float(np.median(ref_t) * 1e3)
     else:

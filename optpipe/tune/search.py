@@ -147,13 +147,13 @@ def tune(
 
     score_all=False leaves the loss of candidates slower than the winner unmeasured (the search never needs it).
     """
-    from optpipe.api import _check_calibration, default_output, optimize
+    from optpipe.api import check_calibration, default_output, optimize
     from optpipe.tune.evaluate import accuracy_scorer, fidelity_metric, fidelity_scorer
 
     say = progress or log.info
     if not 0.0 <= max_loss < 1.0:
         raise OptpipeError(f"--max-loss must be in [0, 1), not {max_loss}")
-    calibration_path, column = _check_calibration(calibration)
+    calibration_path, column = check_calibration(calibration)
     source = resolve_source(str(model) if model is not None else None, task)
     scorer = accuracy_scorer(source, eval_file) if eval_file else None
     target = _base_target(max_loss, None if scorer else fidelity_metric(source.task))
@@ -212,8 +212,7 @@ def _build_all(pending: list[Recipe], source, target, workdir, use_cache, calibr
             continue
         built.append((recipe, result.files))
         kept = result.steps[-1].report.get("components", {})
-        sensitive = [name for comp in kept.values() for name, why in comp.get("kept_float", {}).items()
-                     if why.startswith("sensitivity")]
+        sensitive = [name for comp in kept.values() for name in comp.get("kept_by_sensitivity", ())]
         if recipe.quantize.get("sensitivity_fallback"):
             queue.extend(sensitive_recipes(sensitive))
     return built, failed

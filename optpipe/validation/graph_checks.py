@@ -130,7 +130,7 @@ def check_graph(files: ModelFiles, target) -> GraphCheck:
     """The checks a target's recipe implies, per component."""
     import onnx
 
-    from optpipe.passes.quantize import float_exclusions, recorded_kept_float
+    from optpipe.passes.quantize_graph import float_exclusions, recorded_kept_float
     from optpipe.pipeline import build_config
     from optpipe.passes import PASSES
 
