@@ -1,0 +1,233 @@
+"""decoder_graph: the fused llama/qwen2/mistral graph against PyTorch, through ORT, Optimum and onnxruntime-genai."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from optpipe.errors import UnsupportedModelError
+from optpipe.passes.decoder_graph import build_decoder, write_genai_config
+from optpipe.passes.nbits import NBitsWeight
+
+TEXTS = ["The river rose after three days of rain and the town flooded.", "She sold it."]
+ARCHS = ("llama", "qwen2", "mistral")
+
+
+@pytest.fixture(scope="module")
+def built(arch_dirs, tmp_path_factory):
+    """name -> (HF dir, artifact dir with model.onnx + config + tokenizer + genai_config.json, report), built once."""
+    done: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in done:
+            source = arch_dirs(name)
+            out = tmp_path_factory.mktemp(f"decoder-graph-{name}")
+            report = build_decoder(source, out / "model.onnx")
+            write_genai_config(source, out)
+            done[name] = (source, out, report)
+        return done[name]
+
+    return get
+
+
+def _torch(source: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+
+
+def _batch(source: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+    return tokenizer(TEXTS, return_tensors="pt", padding=True, return_token_type_ids=False)
+
+
+def _session(path: Path, extra_outputs: tuple[str, ...] = ()) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if extra_outputs:
+        model = onnx.load(str(path))
+        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra_outputs)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _empty_past(config, batch: int) -> dict[str, np.ndarray]:
+    head_dim = config.hidden_size // config.num_attention_heads
+    empty = np.zeros((batch, config.num_key_value_heads, 0, head_dim), np.float32)
+    return {f"past_key_values.{i}.{kind}": empty for i in range(config.num_hidden_layers) for kind in ("key", "value")}
+
+
+def _prefill_and_decode(session, model, enc):
+    """ORT and torch logits for a left-padded prefill and one decode step with the returned KV cache."""
+    feed = {"input_ids": enc.input_ids.numpy(), "attention_mask": enc.attention_mask.numpy(),
+            **_empty_past(model.config, enc.input_ids.shape[0])}
+    names = [o.name for o in session.get_outputs()]
+    outs = dict(zip(names, session.run(None, feed)))
+    positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)  # what generate() passes for left padding
+    with torch.no_grad():
+        ref = model(**enc, position_ids=positions, use_cache=True)
+    step = ref.logits[:, -1].argmax(-1, keepdim=True)
+    mask = torch.cat([enc.attention_mask, torch.ones_like(step)], dim=1)
+    feed = {"input_ids": step.numpy(), "attention_mask": mask.numpy()}
+    feed.update({n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present")})
+    decoded = session.run(["logits"], feed)[0]
+    with torch.no_grad():
+        ref_step = model(input_ids=step, attention_mask=mask, past_key_values=ref.past_key_values,
+                         position_ids=positions[:, -1:] + 1).logits
+    return outs["logits"], ref.logits.numpy(), decoded, ref_step.numpy()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_torch_on_padded_prefill_and_decode(built, arch):
+    source, out, _ = built(arch)
+    model = _torch(source)
+    enc = _batch(source)
+    assert (enc.attention_mask == 0).any(), "the batch must be padded for this test to mean anything"
+    prefill, ref, decoded, ref_step = _prefill_and_decode(_session(out / "model.onnx"), model, enc)
+    valid = enc.attention_mask.numpy().astype(bool)  # pad positions' logits are unspecified
+    assert np.abs(prefill - ref)[valid].max() < 1e-3
+    assert np.abs(decoded - ref_step).max() < 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_graph_is_fused(built, arch):
+    source, out, report = built(arch)
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    layers = report.layers
+    assert ops.count("GroupQueryAttention") == layers == report.op_counts["GroupQueryAttention"]
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert ops.count("SimplifiedLayerNormalization") == 1
+    gqa = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    assert attrs["do_rotary"] == 1 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
+    assert attrs["local_window_size"] == (6 if arch == "mistral" else -1)
+    session = _session(out / "model.onnx")
+    assert [i.name for i in session.get_inputs()][:2] == ["input_ids", "attention_mask"]
+    assert "position_ids" not in [i.name for i in session.get_inputs()]
+    if arch == "qwen2":  # tied: the table is stored once and lm_head reads it
+        assert report.tied_lm_head == "gemm"
+        names = [i.name for i in onnx.load(str(out / "model.onnx")).graph.initializer]
+        assert "model.embed_tokens.weight" in names and not any(n.startswith("lm_head") for n in names)
+
+
+def test_sliding_window_is_applied(built):
+    """The mistral texts are longer than its window of 6: without the window torch gives other logits."""
+    source, out, _ = built("mistral")
+    model = _torch(source)
+    enc = _batch(source)
+    prefill, ref, _, _ = _prefill_and_decode(_session(out / "model.onnx"), model, enc)
+    model.config.sliding_window = None
+    with torch.no_grad():
+        unwindowed = model(**enc).logits.numpy()
+    valid = enc.attention_mask.numpy().astype(bool)
+    assert np.abs(unwindowed - ref)[valid].max() > 1e-2
+    assert np.abs(prefill - ref)[valid].max() < 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_optimum_generate_equals_torch(built, arch):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    source, out, _ = built(arch)
+    enc = _batch(source)
+    kwargs = dict(do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    ours = ORTModelForCausalLM.from_pretrained(out).generate(**enc, **kwargs)
+    assert torch.equal(ours, _torch(source).generate(**enc, **kwargs))
+
+
+def _rtn4(w: np.ndarray, block: int = 32) -> NBitsWeight:
+    """Symmetric 4-bit round-to-nearest, MatMulNBits layout (zero point 8 implied)."""
+    n, k = w.shape
+    blocks = w.reshape(n, k // block, block)
+    scales = np.abs(blocks).max(axis=-1, keepdims=True) / 7.0
+    q = (np.clip(np.round(blocks / scales), -8, 7) + 8).astype(np.uint8)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    return NBitsWeight(packed=packed, scales=scales.reshape(-1).astype(np.float32), zero_points=None, bits=4,
+                       block_size=block, k=k, n=n)
+
+
+def test_matmulnbits_override(built, tmp_path):
+    source, _, _ = built("llama")
+    model = _torch(source)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    quantized = _rtn4(model.state_dict()[name].numpy())
+    report = build_decoder(source, tmp_path / "model.onnx", weights=lambda n: quantized if n == name else None)
+    assert report.nbits_linears == (name,) and report.op_counts["MatMulNBits"] == 1
+    node = next(n for n in onnx.load(str(tmp_path / "model.onnx")).graph.node if n.op_type == "MatMulNBits")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert (attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]) == (64, 64, 4, 32)
+    session = _session(tmp_path / "model.onnx", extra_outputs=(node.input[0], node.output[0]))
+    enc = _batch(source)
+    feed = {"input_ids": enc.input_ids.numpy(), "attention_mask": enc.attention_mask.numpy(),
+            **_empty_past(model.config, 2)}
+    outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    x, y = outs[node.input[0]], outs[node.output[0]]
+    assert np.abs(y - x @ quantized.dequantize().T).max() < 1e-4
+    # end to end: the graph equals torch with the dequantized weight in place
+    with torch.no_grad():
+        model.get_parameter(name).copy_(torch.from_numpy(quantized.dequantize()))
+    prefill, ref, _, _ = _prefill_and_decode(_session(tmp_path / "model.onnx"), model, enc)
+    assert np.abs(prefill - ref)[enc.attention_mask.numpy().astype(bool)].max() < 1e-3
+
+
+def _with_config(source: Path, dest: Path, **changes) -> Path:
+    shutil.copytree(source, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config.update(changes)
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+def test_llama3_rope_scaling_matches_torch(built, tmp_path):
+    source, _, _ = built("llama")
+    scaled = _with_config(source, tmp_path / "llama3", rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})
+    build_decoder(scaled, tmp_path / "model.onnx")
+    enc = _batch(scaled)
+    prefill, ref, decoded, ref_step = _prefill_and_decode(_session(tmp_path / "model.onnx"), _torch(scaled), enc)
+    assert np.abs(prefill - ref)[enc.attention_mask.numpy().astype(bool)].max() < 1e-3
+    assert np.abs(decoded - ref_step).max() < 1e-3
+
+
+def test_unsupported_models_raise(built, tmp_path):
+    from tests.models import tiny_gpt2
+
+    with pytest.raises(UnsupportedModelError, match="model_type 'gpt2'"):
+        build_decoder(tiny_gpt2(tmp_path / "gpt2", steps=0), tmp_path / "gpt2.onnx")
+    source, _, _ = built("llama")
+    dynamic = _with_config(source, tmp_path / "dynamic", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(UnsupportedModelError, match="rope_scaling type 'dynamic'"):
+        build_decoder(dynamic, tmp_path / "dynamic.onnx")
+    assert not (tmp_path / "gpt2.onnx").exists() and not (tmp_path / "dynamic.onnx").exists()
+
+
+def test_genai_generates_torch_greedy(built):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from transformers import AutoTokenizer
+
+    source, out, _ = built("llama")
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "model.onnx" and config["model"]["type"] == "llama"
+    ids = AutoTokenizer.from_pretrained(source)(TEXTS[0], return_token_type_ids=False).input_ids
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 8, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([ids], dtype=np.int32))
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    expected = _torch(source).generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                       do_sample=False, max_new_tokens=8)[0, len(ids):].tolist()
+    assert tokens == expected[:len(tokens)] and len(tokens) >= 1
