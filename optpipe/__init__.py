@@ -1,6 +1,6 @@
 """optpipe: compile a Hugging Face Transformers model into an optimized, validated ONNX artifact per target."""
 
-__version__ = "0.1.0"
+from optpipe.version import __version__  # noqa: E402
 
 from optpipe.artifact import Artifact  # noqa: E402
 from optpipe.api import optimize  # noqa: E402

@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from optpipe import __version__
-from optpipe.artifact import Artifact, prepare_destination, publish, staging_dir
+from optpipe.version import __version__
+from optpipe.artifact import FORMAT_VERSION, Artifact, prepare_destination, publish, staging_dir
 from optpipe.errors import OutputError, ValidationFailedError
 from optpipe.passbase import ModelFiles, op_counts
 from optpipe.pipeline import Pipeline, PipelineResult, package_versions
@@ -73,7 +73,7 @@ def compressed_size(files: ModelFiles) -> dict[str, Any]:
 def build_manifest(source: ModelSource, target: Target, result: PipelineResult, staged: ModelFiles,
                    validation: ValidationResult, source_bytes: int) -> dict[str, Any]:
     return {
-        "format": 1,
+        "format": FORMAT_VERSION,
         "optpipe_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": source.to_json(),
@@ -130,23 +130,14 @@ def optimize(
     try:
         result = steps.run(source, resolved_target, workdir, say, use_cache=use_cache, calibration=calibration_path)
         shutil.copytree(result.files.path, staging, dirs_exist_ok=True)
-        staged = ModelFiles(staging, "onnx", result.files.components)
-        say("validating against the PyTorch model ...")
-        validation = validate(source, staged, resolved_target)
-        if not validation.passed:
-            raise ValidationFailedError(
-                f"validation failed for {resolved_target.name}: {'; '.join(validation.failures)} "
-                f"(metrics: {_fmt(validation.metrics)}); nothing was published"
-            )
-        source_bytes = sum(p.stat().st_size for p in source.path.rglob("*") if p.is_file()
-                           and p.suffix in (".safetensors", ".bin"))
-        manifest = {**build_manifest(source, resolved_target, result, staged, validation, source_bytes),
-                    **(extra_manifest or {})}
+        manifest = _validated_manifest(source, resolved_target, result, ModelFiles(staging, "onnx",
+                                                                                   result.files.components), say)
+        manifest.update(extra_manifest or {})
         if bench:
             from optpipe.perf.harness import bench_staged
 
             say("timing the staged artifact (optpipe bench) ...")
-            manifest["bench"] = bench_staged(staging, staged.components, resolved_target)
+            manifest["bench"] = bench_staged(staging, result.files.components, resolved_target)
         artifact = publish(staging, dest, manifest, overwrite)
         say(f"published {dest}")
         return artifact
@@ -155,6 +146,21 @@ def optimize(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _validated_manifest(source: ModelSource, target: Target, result: PipelineResult, staged: ModelFiles,
+                        say: Callable[[str], None]) -> dict[str, Any]:
+    """Validate the staged artifact against the original model; its manifest, or ValidationFailedError."""
+    say("validating against the PyTorch model ...")
+    validation = validate(source, staged, target)
+    if not validation.passed:
+        raise ValidationFailedError(
+            f"validation failed for {target.name}: {'; '.join(validation.failures)} "
+            f"(metrics: {_fmt(validation.metrics)}); nothing was published"
+        )
+    source_bytes = sum(p.stat().st_size for p in source.path.rglob("*") if p.is_file()
+                       and p.suffix in (".safetensors", ".bin"))
+    return build_manifest(source, target, result, staged, validation, source_bytes)
 
 
 def check_calibration(calibration: str | Path | None) -> tuple[Path | None, str | None]:

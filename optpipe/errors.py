@@ -21,6 +21,10 @@ class UnsupportedModelError(OptpipeError):
     pass
 
 
+class CorruptModelError(OptpipeError):
+    """A model file that cannot be read (a truncated or corrupt GGUF): re-download it."""
+
+
 class InvalidOptionError(OptpipeError):
     """A bad pass option, pipeline string or `--set` override."""
 
@@ -61,10 +65,6 @@ class TuningFailedError(OptpipeError):
 
 class ArtifactError(OptpipeError):
     """A published artifact is missing, corrupt, or not an optpipe artifact."""
-
-
-class Interrupted(OptpipeError):
-    exit_code = 130
 
 
 class BaselineError(OptpipeError):

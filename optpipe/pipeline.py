@@ -89,16 +89,17 @@ def package_versions() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """Hash of optpipe's own source (the passes and the helpers they call): a cached pass output is only reused by
-    the code that wrote it. Package versions alone miss edits to an installed-editable checkout."""
-    import optpipe
-    import optpipe.passes
+    """Hash of the code that writes pass outputs (the passes, the pass base, the texts they read): a cached output
+    is only reused by the code that wrote it. Package versions alone miss edits to an editable checkout."""
+    from importlib.util import find_spec
 
+    passes_dir = Path(find_spec("optpipe.passes").submodule_search_locations[0])  # located, not imported
+    here = Path(__file__).parent
+    files = [*passes_dir.glob("*.py"), here / "passbase.py", here / "errors.py", *(here / "data").glob("*.py")]
     digest = hashlib.sha256()
-    for package in (optpipe, optpipe.passes):
-        for path in sorted(Path(package.__file__).parent.rglob("*.py")):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+    for path in sorted(files):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -147,6 +147,9 @@ def test_seq2seq_int8_every_component_fused_quantized_and_generates(artifacts, n
     enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
     tokens = model.generate(**enc, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert tokens.shape[0] == 2 and tokens.shape[1] >= 9
+    # the quantized decoder_with_past (KV cache) continues exactly as the quantized decoder without cache does
+    uncached = model.generate(**enc, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=False)
+    assert tokens.tolist() == uncached.tolist()
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "t5", "bart"])

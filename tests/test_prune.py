@@ -54,7 +54,12 @@ def test_structured_bert_has_exact_shapes_and_reports(tiny_bert_dir, tmp_path):
     assert report["stages"][2]["steps"] == 3
     assert report["params_after"] < report["params_before"]
     assert report["linear_macs_per_seq128_after"] < report["linear_macs_per_seq128_before"]
-    assert all(-1 <= s["held_out_cosine"] <= 1 for s in report["stages"])
+    pruned, refitted, distilled = report["stages"]
+    # removing a quarter of the FFN and a head changes the embeddings, but not beyond recognition
+    assert 0.5 < pruned["held_out_cosine"] < 0.9999
+    # refit solves for the down-projection on the tune texts: it must not make the unseen dev texts worse
+    assert refitted["dev_cosine"] >= pruned["dev_cosine"] - 0.005
+    assert report["fidelity"] == distilled["held_out_cosine"]
 
 
 def test_structured_gpt2_has_exact_shapes(gpt2_dir, tmp_path):

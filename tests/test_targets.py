@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from optpipe.errors import InvalidOptionError, UnknownTargetError
@@ -45,3 +47,37 @@ def test_overrides_are_applied_and_recorded():
 def test_bad_overrides(bad):
     with pytest.raises(InvalidOptionError):
         load_target("cpu-int8").with_overrides([bad])
+
+
+KNOWN_PROVIDERS = {"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"}
+BUNDLED = sorted(p.stem for p in (Path(__file__).parents[1] / "targets").glob("*.toml"))
+
+
+def test_every_bundled_toml_is_listed():
+    assert sorted(t.name for t in list_targets()) == BUNDLED and len(BUNDLED) >= 8
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_every_bundled_target_is_a_runnable_recipe(name):
+    from optpipe.passes import PASSES
+    from optpipe.pipeline import Pipeline
+
+    target = load_target(name)
+    assert target.name == name and target.description
+    Pipeline(target.passes, PASSES)  # every pass exists, every option is known and valid, the order holds
+    assert target.passes[0].name in ("export", "prune") and any(s.name == "export" for s in target.passes)
+    assert {target.provider, *target.fallback_providers} <= KNOWN_PROVIDERS
+    assert target.validate and all(0 < v <= 1 for v in target.validate.values() if isinstance(v, float))
+    gpu = target.provider != "CPUExecutionProvider"
+    assert gpu == name.startswith(("cuda", "tensorrt"))
+    if name == "cuda-fp16":
+        assert target.pass_spec("fp16") is not None
+    elif name.startswith("tensorrt"):  # TensorRT picks FP16 kernels itself (trt_fp16_enable), from a float32 graph
+        assert target.pass_spec("fp16") is None and target.provider_options.get("trt_fp16_enable") is True
+    else:
+        assert target.pass_spec("fp16") is None
+    if name.startswith("tensorrt"):
+        assert target.pass_spec("fuse") is None  # TensorRT fuses Q/DQ pairs itself
+    if "int8" in name:
+        assert target.pass_spec("quantize") is not None
+    assert load_target(name).to_json() == target.to_json()  # loading is deterministic

@@ -68,14 +68,14 @@ def test_impossible_budget_publishes_nothing(tiny_bert_dir, tmp_path):
 
 
 def test_quick_leaves_slower_candidates_unscored(tiny_bert_dir, tmp_path):
+    # Every candidate meets a budget of 0.9 (cosine >= 0.1), so the first one scored (the fastest measured) wins and a quick
+    # search must not score the slower one.
     few = [Recipe("dynamic", True, {"mode": "dynamic"}), Recipe("dynamic, unfused", False, {"mode": "dynamic"})]
-    result = tune(str(tiny_bert_dir), max_loss=0.05, output=tmp_path / "quick", seconds=0.5, recipes=few,
+    result = tune(str(tiny_bert_dir), max_loss=0.9, output=tmp_path / "quick", seconds=0.5, recipes=few,
                   score_all=False)
     (other,) = [c for c in result.candidates if c.status != "winner"]
-    if other.latency_ratio >= result.winner.latency_ratio:  # the winner met the budget first: never scored
-        assert other.status == "not evaluated" and other.loss is None
-    else:  # measured faster, so the search scored it first, and it missed the budget
-        assert other.status == "rejected" and other.loss > 0.05
+    assert other.latency_ratio >= result.winner.latency_ratio
+    assert other.status == "not evaluated" and other.loss is None
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from optpipe import __version__
+from optpipe.version import __version__
 from optpipe.artifact import Artifact, sha256_file
 from optpipe.errors import BaselineError, InvalidOptionError
 from optpipe.perf.harness import Measured, interleave, grid_workloads, machine_facts, open_artifact

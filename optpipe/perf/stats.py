@@ -67,9 +67,3 @@ def paired_ratio(reference: np.ndarray, other: np.ndarray, level: float = 0.95, 
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(samples, [tail, 100 - tail])
     return RatioEstimate(round(estimate, 5), round(float(low), 5), round(float(high), 5), len(reference), level)
-
-
-def probability_above(reference: np.ndarray, other: np.ndarray, threshold: float, seed: int = 0) -> float:
-    """Bootstrap probability that the true ratio exceeds `threshold` (how sure a regression verdict is)."""
-    _, samples = paired_distribution(reference, other, seed)
-    return float(np.mean(samples > threshold))
