@@ -117,8 +117,12 @@ def optimize(
         resolved_target = resolved_target.with_overrides([f"quantize.calibration_column={column}"])
     from optpipe.passes import PASSES
 
-    steps = Pipeline(resolved_target.passes, PASSES)  # checks options and order before any work
+    for recipe in (resolved_target.passes, resolved_target.decoder_passes):
+        if recipe:
+            Pipeline(recipe, PASSES)  # options and order are checked before any work
     source = resolve_source(str(model) if model is not None else None, task)
+    resolved_target = resolved_target.for_task(source.task, gguf=source.gguf_file is not None)
+    steps = Pipeline(resolved_target.passes, PASSES)
     dest = Path(output) if output is not None else default_output(source, resolved_target)
     dest = dest.expanduser().resolve()
     prepare_destination(dest, overwrite)

@@ -7,5 +7,6 @@ from optpipe.passes.fp16 import Fp16Pass
 from optpipe.passes.fuse import FusePass
 from optpipe.passes.prune import PrunePass
 from optpipe.passes.quantize import QuantizePass
+from optpipe.passes.weight_only import WeightOnlyPass
 
-PASSES: dict[str, type] = {cls.name: cls for cls in (ExportPass, FusePass, QuantizePass, Fp16Pass, PrunePass)}
+PASSES: dict[str, type] = {cls.name: cls for cls in (ExportPass, FusePass, QuantizePass, WeightOnlyPass, Fp16Pass, PrunePass)}

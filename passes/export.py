@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from optpipe.errors import UnsupportedModelError
 from optpipe.passbase import ModelFiles, Pass, PassContext, PassResult, Report
@@ -22,6 +23,18 @@ class ExportConfig:
     atol: float = 1e-4
     use_past: bool = True
     do_validation: bool = True
+    # Causal LMs of the llama family: "auto" writes optpipe's fused graph (GroupQueryAttention with rotary,
+    # SkipSimplifiedLayerNormalization; passes/decoder_graph.py); "optimum" uses optimum-onnx's unfused export.
+    decoder: str = "auto"
+    # From a GGUF source: its Q4_0 / Q4_1 / Q8_0 linear weights become MatMulNBits as they are (not re-quantized).
+    gguf_blocks: bool = False
+    accuracy_level: int = 4  # MatMulNBits compute for carried blocks: 4 = int8 activations on CPU, 0 = float
+
+    def check(self) -> None:
+        if self.decoder not in ("auto", "optimum"):
+            raise UnsupportedModelError(f"export.decoder must be 'auto' or 'optimum', not {self.decoder!r}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UnsupportedModelError(f"export.accuracy_level must be 0 to 4, not {self.accuracy_level}")
 
 
 # Optimum writes a seq2seq decoder three ways: without past, with past, and both merged behind an If node.
@@ -50,6 +63,10 @@ class ExportReport(Report):
     validated_by_optimum: bool = True
     atol: float = 0.0
     dropped: dict[str, str] = field(default_factory=dict)  # file -> why it is not in the artifact
+    exporter: str = "optimum-onnx"
+    fused_ops: dict[str, int] | None = None  # the decoder builder writes fused ops directly
+    gguf_blocks: dict[str, Any] | None = None  # carried (HF name -> GGUF type) and skipped tensors with reasons
+    note: str | None = None
 
 
 class ExportPass(Pass):
@@ -62,7 +79,14 @@ class ExportPass(Pass):
     def call(self, files: ModelFiles, config: ExportConfig, ctx: PassContext) -> PassResult:
         from optimum.exporters.onnx import main_export
 
+        from optpipe.passes.decoder_graph import SUPPORTED_MODEL_TYPES
+
         source = ctx.source
+        if source.task == "text-generation" and config.decoder == "auto" and source.model_type in SUPPORTED_MODEL_TYPES:
+            return _fused_decoder(files, config, ctx)
+        if config.gguf_blocks and source.gguf_file is not None:
+            log.warning("export.gguf_blocks: %s is exported by optimum-onnx, which cannot carry GGUF blocks; "
+                        "its weights are the dequantized GGUF values", source.model_type)
         task = _WITH_PAST.get(source.task, source.task) if config.use_past else source.task
         tasks = supported_tasks(source.model_type)
         if task not in tasks:
@@ -92,6 +116,39 @@ class ExportPass(Pass):
                               validated_by_optimum=config.do_validation, atol=config.atol,
                               dropped={dropped: why} if dropped else {})
         return PassResult(ModelFiles(ctx.out_dir, "onnx", components), report)
+
+
+def _fused_decoder(files: ModelFiles, config: ExportConfig, ctx: PassContext) -> PassResult:
+    """llama / qwen2 / mistral: optpipe's fused graph, with the GGUF's blocks carried over when asked."""
+    import json
+
+    from optpipe.passbase import copy_aux_files
+    from optpipe.passes.decoder_genai import write_genai_config
+    from optpipe.passes.decoder_graph import build_decoder
+
+    source, weights, carried = ctx.source, None, None
+    if config.gguf_blocks and source.gguf_file is not None:
+        from optpipe.passes.gguf_blocks import gguf_weights
+
+        layers = json.loads((files.path / "config.json").read_text())["num_hidden_layers"]
+        carried = gguf_weights(source.gguf_file, source.model_type, layers)
+        weights = carried.weights.get
+        ctx.progress(f"  carrying {len(carried.weights)} GGUF block tensors over as MatMulNBits")
+    ctx.progress(f"  writing the fused {source.model_type} graph (GroupQueryAttention, SkipSimplifiedLayerNorm)")
+    built = build_decoder(files.path, ctx.out_dir / "model.onnx", weights=weights,
+                          accuracy_level=config.accuracy_level, progress=ctx.progress)
+    copy_aux_files(files.path, ctx.out_dir, skip=_HF_WEIGHTS)
+    for name in (n for n in _HF_WEIGHTS if (ctx.out_dir / n).exists()):
+        (ctx.out_dir / name).unlink()
+    write_genai_config(files.path, ctx.out_dir)
+    report = ExportReport(task="text-generation-with-past", components=("model.onnx",), opset="optpipe decoder builder",
+                          validated_by_optimum=False, atol=config.atol, exporter="optpipe decoder builder",
+                          fused_ops=dict(built.op_counts), gguf_blocks=carried.to_json() if carried else None,
+                          note="; ".join(built.notes) or None)
+    return PassResult(ModelFiles(ctx.out_dir, "onnx", ("model.onnx",)), report)
+
+
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def _drop_merged_decoder(out: Path) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,12 +58,17 @@ class FuseConfig:
             raise InvalidOptionError(f"fuse.opt_level must be 0, 1 or 2 (99 is hardware-specific), not {self.opt_level}")
 
 
+# Ops only a fusing exporter writes: a graph holding them is fused already.
+PREFUSED_OPS = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization")
+
+
 @dataclass(frozen=True)
 class FusedComponent(Report):
     fused: dict[str, int] = field(default_factory=dict)  # fused op type -> count
     nodes_before: int = 0
     nodes_after: int = 0
     not_fused: tuple[str, ...] = ()  # why an expected fusion did not happen
+    skipped: str | None = None  # why the component was left as it was
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,16 @@ class FusePass(OnnxPass):
 
         opt_type, _ = self.optimizer_type(config, ctx.source.model_type)
         heads, hidden = attention_shape(src.parent)
-        ctx.progress(f"  fusing {src.name} ({opt_type or 'generic'})")
         before = op_counts(onnx.load(str(src), load_external_data=False))
+        already = {op: n for op, n in before.items() if op in PREFUSED_OPS}
+        if already:  # written fused by optpipe's decoder builder: ORT's optimizer has nothing to add
+            for item in src.parent.glob(src.name + "*"):
+                if item.name == src.name or item.name.startswith(src.name + ".") or item.name.endswith("data"):
+                    shutil.copy2(item, dst.parent / item.name)
+            return FusedComponent(fused=already, nodes_before=sum(before.values()), nodes_after=sum(before.values()),
+                                  skipped="already fused at export (" + ", ".join(f"{k} {v}" for k, v in
+                                                                               already.items()) + ")")
+        ctx.progress(f"  fusing {src.name} ({opt_type or 'generic'})")
         optimized = optimize_model(
             str(src),
             model_type=opt_type or "bert",
@@ -117,6 +131,8 @@ class FusePass(OnnxPass):
 
     def summarize(self, components: dict[str, FusedComponent], config: FuseConfig, ctx: PassContext) -> FuseReport:
         opt_type, note = self.optimizer_type(config, ctx.source.model_type)
+        if all(c.skipped for c in components.values()):
+            opt_type, note = None, "the exporter wrote the graph fused; nothing left to fuse"
         heads, hidden = attention_shape(ctx.out_dir)
         return FuseReport(model_type=opt_type or "none", flavor=config.flavor, num_heads=heads, hidden_size=hidden,
                           components=components, note=note)

@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from optpipe.errors import InvalidOptionError, UnknownTargetError
+from optpipe.errors import InvalidOptionError, UnknownTargetError, UnsupportedModelError
 from optpipe.recipe import PassSpec, format_pipeline, parse_pipeline, parse_value
 
 
@@ -26,16 +26,35 @@ class Target:
     validate: dict[str, Any] = field(default_factory=dict)
     harness: dict[str, Any] = field(default_factory=dict)
     overrides: tuple[str, ...] = ()
+    # A different recipe for decoders (task text-generation), from the TOML's [decoder] table: weight-only
+    # quantization instead of dynamic INT8, and generation thresholds. `for_task` picks the one that applies.
+    decoder_passes: tuple[PassSpec, ...] = ()
+    decoder_validate: dict[str, Any] = field(default_factory=dict)
+    decoder_validate_gguf: dict[str, Any] = field(default_factory=dict)  # stricter, when the source is a GGUF
+
+    def for_task(self, task: str, gguf: bool = False) -> "Target":
+        """The recipe as it runs for a model of `task`: the decoder recipe for text-generation when there is one."""
+        if task == "text-generation" and self.decoder_passes:
+            validate = {**self.validate, **self.decoder_validate, **(self.decoder_validate_gguf if gguf else {})}
+            return replace(self, passes=self.decoder_passes, validate=validate, decoder_passes=(),
+                           decoder_validate={}, decoder_validate_gguf={})
+        if not self.passes:
+            raise UnsupportedModelError(
+                f"target {self.name} is for decoders (text-generation models), not {task}; for this model use "
+                "cpu-int8 (dynamic INT8) or cpu-int8-static")
+        return replace(self, decoder_passes=(), decoder_validate={}, decoder_validate_gguf={})
 
     @property
     def pipeline(self) -> str:
         return format_pipeline(self.passes)
 
     def pass_spec(self, name: str) -> PassSpec | None:
-        return next((spec for spec in self.passes if spec.name == name), None)
+        return next((spec for spec in (*self.passes, *self.decoder_passes) if spec.name == name), None)
 
     def with_pipeline(self, text: str) -> "Target":
-        return replace(self, passes=tuple(parse_pipeline(text)), overrides=(*self.overrides, f"pipeline={text}"))
+        """Replace the recipe (for every model kind) with a one-line pipeline."""
+        return replace(self, passes=tuple(parse_pipeline(text)), decoder_passes=(),
+                       overrides=(*self.overrides, f"pipeline={text}"))
 
     def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> "Target":
         """Apply `section.key=value` overrides: a pass name, `validate`, `provider_options` or `harness`."""
@@ -49,10 +68,12 @@ class Target:
             if section in ("validate", "provider_options", "harness", "session_options"):
                 target = replace(target, **{section: {**getattr(target, section), key: value}})
             elif target.pass_spec(section) is not None:
-                passes = tuple(s.with_option(key, value) if s.name == section else s for s in target.passes)
-                target = replace(target, passes=passes)
+                target = replace(target, **{kind: tuple(s.with_option(key, value) if s.name == section else s
+                                                        for s in getattr(target, kind))
+                                            for kind in ("passes", "decoder_passes")})
             else:
-                known = ", ".join([s.name for s in target.passes] + ["validate", "provider_options", "harness"])
+                names = dict.fromkeys(s.name for s in (*target.passes, *target.decoder_passes))
+                known = ", ".join([*names, "validate", "provider_options", "harness"])
                 raise InvalidOptionError(f"--set {assignment!r}: target {target.name} has no {section!r} (known: {known})")
             target = replace(target, overrides=(*target.overrides, assignment))
         return target
@@ -70,14 +91,23 @@ class Target:
             "validate": self.validate,
             "harness": self.harness,
             "overrides": list(self.overrides),
+            **({"decoder": {"pipeline": format_pipeline(self.decoder_passes),
+                            "passes": [{"name": s.name, **s.options} for s in self.decoder_passes],
+                            "validate": self.decoder_validate,
+                            "validate_gguf": self.decoder_validate_gguf}} if self.decoder_passes else {}),
         }
+
+
+def _specs(passes: list[dict]) -> tuple[PassSpec, ...]:
+    return tuple(PassSpec(p["name"], {k: v for k, v in p.items() if k != "name"}) for p in passes)
 
 
 def target_from_toml(data: dict, origin: str) -> Target:
     try:
-        passes = tuple(
-            PassSpec(p["name"], {k: v for k, v in p.items() if k != "name"}) for p in data.get("passes", [])
-        )
+        passes = _specs(data.get("passes", []))
+        decoder = data.get("decoder", {})
+        if not passes and not decoder.get("passes"):
+            raise InvalidOptionError(f"target file {origin} has no [[passes]] (nor [[decoder.passes]])")
         return Target(
             name=data["name"],
             description=data.get("description", ""),
@@ -88,6 +118,9 @@ def target_from_toml(data: dict, origin: str) -> Target:
             session_options=dict(data.get("session_options", {})),
             validate=dict(data.get("validate", {})),
             harness=dict(data.get("harness", {})),
+            decoder_passes=_specs(decoder.get("passes", [])),
+            decoder_validate=dict(decoder.get("validate", {})),
+            decoder_validate_gguf=dict(decoder.get("validate_gguf", {})),
         )
     except (KeyError, TypeError) as exc:
         raise InvalidOptionError(f"target file {origin} is malformed: missing or wrong {exc}") from exc

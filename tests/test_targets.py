@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from optpipe.errors import InvalidOptionError, UnknownTargetError
+from optpipe.errors import InvalidOptionError, UnknownTargetError, UnsupportedModelError
 from optpipe.targets import list_targets, load_target
 
 
@@ -64,10 +64,18 @@ def test_every_bundled_target_is_a_runnable_recipe(name):
 
     target = load_target(name)
     assert target.name == name and target.description
-    Pipeline(target.passes, PASSES)  # every pass exists, every option is known and valid, the order holds
-    assert target.passes[0].name in ("export", "prune") and any(s.name == "export" for s in target.passes)
+    for recipe in (target.passes, target.decoder_passes):  # every pass exists, every option is valid, order holds
+        if recipe:
+            Pipeline(recipe, PASSES)
+            assert recipe[0].name in ("export", "prune") and any(s.name == "export" for s in recipe)
+    assert target.passes or target.decoder_passes
+    if target.decoder_passes:  # decoders: weight-only quantization and generation thresholds
+        decoder = target.for_task("text-generation")
+        assert decoder.pass_spec("quantize") is None and decoder.pass_spec("weight_only") is not None
+        assert {"next_token_agreement", "perplexity_ratio"} <= set(decoder.validate)
     assert {target.provider, *target.fallback_providers} <= KNOWN_PROVIDERS
-    assert target.validate and all(0 < v <= 1 for v in target.validate.values() if isinstance(v, float))
+    assert (target.validate or target.decoder_validate) and all(
+        0 < v <= 1 for v in target.validate.values() if isinstance(v, float))
     gpu = target.provider != "CPUExecutionProvider"
     assert gpu == name.startswith(("cuda", "tensorrt"))
     if name == "cuda-fp16":
@@ -80,4 +88,7 @@ def test_every_bundled_target_is_a_runnable_recipe(name):
         assert target.pass_spec("fuse") is None  # TensorRT fuses Q/DQ pairs itself
     if "int8" in name:
         assert target.pass_spec("quantize") is not None
+    if name == "cpu-int4":
+        with pytest.raises(UnsupportedModelError, match="use cpu-int8"):
+            target.for_task("feature-extraction")
     assert load_target(name).to_json() == target.to_json()  # loading is deterministic

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from optpipe.validation.encoders import is_ceiling
+
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -42,7 +44,7 @@ def print_summary(artifact) -> None:
               f"{_brief(step['report'])}")
     v = m["validation"]
     figures = ", ".join(f"{k} {val:.4f}" for k, val in v["metrics"].items())
-    limits = ", ".join(f"{k} {'<=' if k.startswith('max_') else '>='} {val}" for k, val in v["thresholds"].items())
+    limits = ", ".join(f"{k} {'<=' if is_ceiling(k) else '>='} {val}" for k, val in v["thresholds"].items())
     status = f"deferred ({v['deferred']})" if v.get("deferred") else ("passed" if v["passed"] else "FAILED")
     print(f"validation ({v['texts']} texts, {v['provider']}): {figures}  [{limits}]  {status}")
     print(f"size: {mb(m['size']['source_bytes'])} (PyTorch weights) -> {mb(m['size']['onnx_bytes'])} (ONNX)")

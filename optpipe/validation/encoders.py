@@ -138,16 +138,24 @@ VALIDATORS: dict[str, Callable[[Runner], dict[str, float]]] = {
 }
 
 
+# Metrics where lower is better: their thresholds are ceilings (besides every max_* metric).
+CEILINGS = ("perplexity_ratio",)
+
+
+def is_ceiling(key: str) -> bool:
+    return key.startswith("max_") or key in CEILINGS
+
+
 def check_thresholds(metrics: dict[str, float], thresholds: dict[str, float]) -> tuple[str, ...]:
-    """Keys named max_* are ceilings; every other threshold is a floor. Thresholds for absent metrics are skipped."""
+    """Ceilings (max_* and CEILINGS) and floors (every other threshold); thresholds for absent metrics are skipped."""
     failures = []
     for key, limit in thresholds.items():
         if key not in metrics:
             continue
         value = metrics[key]
-        if key.startswith("max_") and value > limit:
+        if is_ceiling(key) and value > limit:
             failures.append(f"{key} {value:.4g} > {limit}")
-        elif not key.startswith("max_") and value < limit:
+        elif not is_ceiling(key) and value < limit:
             failures.append(f"{key} {value:.4f} < {limit}")
     return tuple(failures)
 

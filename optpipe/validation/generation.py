@@ -1,4 +1,5 @@
-"""Fidelity of generators (causal LM, seq2seq) against PyTorch: next-token agreement and greedy generation.
+"""Fidelity of generators (causal LM, seq2seq) against PyTorch: next-token agreement, perplexity ratio on the
+validation texts (teacher-forced; held out from calibration), and greedy generation.
 
 The artifact is driven through Optimum's ORTModelFor... classes, the same way a user loads it, so the KV-cache
 inputs of every decoder component are fed as Optimum feeds them.
@@ -46,6 +47,17 @@ def _agreement(ref: np.ndarray, out: np.ndarray, mask: np.ndarray) -> tuple[int,
     return agree, int(keep.sum()), diff
 
 
+def _nll(logits: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    """Summed negative log-likelihood of `labels` (-100: not scored) under `logits`, and how many were scored."""
+    keep = labels >= 0
+    if not keep.any():
+        return 0.0, 0
+    picked = logits[keep].astype(np.float64)
+    top = picked.max(-1, keepdims=True)
+    log_z = (top[:, 0] + np.log(np.exp(picked - top).sum(-1)))
+    return float((log_z - picked[np.arange(len(picked)), labels[keep]]).sum()), int(keep.sum())
+
+
 def _batches(texts, size: int = BATCH):
     for start in range(0, len(texts), size):
         yield list(texts[start:start + size])
@@ -65,32 +77,38 @@ def _greedy_match(generate_ref, generate_out, prompts: list[dict[str, Any]]) -> 
 
 
 def _compare(run, model, ort_model, tokenizer, forward_inputs, prompt_args: dict[str, Any]) -> dict[str, float]:
-    """Top-1 agreement of the two models' logits over the validation texts (`forward_inputs` turns a tokenized
-    batch into the model inputs and the mask of positions to compare), then greedy generation from a few prompts."""
+    """Top-1 agreement of the two models' logits and their perplexity on the validation texts (`forward_inputs` turns a
+    tokenized batch into the model inputs, the mask of positions to compare and the next-token labels), then greedy
+    generation from a few prompts."""
     import torch
 
-    agree = total = 0
-    max_diff = 0.0
+    agree = total = scored = 0
+    max_diff = nll_ref = nll_out = 0.0
     for batch in _batches(run.texts):
         enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt",
                         return_token_type_ids=False)
-        inputs, mask = forward_inputs(enc)
+        inputs, mask, labels = forward_inputs(enc)
         with torch.no_grad():
             ref = model(**inputs).logits.numpy()
             out = ort_model(**inputs).logits.numpy()
         a, n, d = _agreement(ref, out, mask.numpy())
         agree, total, max_diff = agree + a, total + n, max(max_diff, d)
+        (r, count), (o, _) = _nll(ref, labels.numpy()), _nll(out, labels.numpy())
+        nll_ref, nll_out, scored = nll_ref + r, nll_out + o, scored + count
     prompts = [tokenizer(text, return_tensors="pt", truncation=True, return_token_type_ids=False, **prompt_args)
                for text in run.texts[:GREEDY_PROMPTS]]
     kwargs = _greedy_kwargs(tokenizer)
     with torch.no_grad():
         greedy = _greedy_match(lambda e: model.generate(**e, **kwargs), lambda e: ort_model.generate(**e, **kwargs),
                                prompts)
-    return {"next_token_agreement": agree / total, "max_abs_diff": max_diff, **greedy}
+    perplexity = float(np.exp(nll_ref / scored))
+    return {"next_token_agreement": agree / total, "max_abs_diff": max_diff, "perplexity": perplexity,
+            "perplexity_ratio": float(np.exp((nll_out - nll_ref) / scored)), **greedy}
 
 
 def text_generation(run) -> dict[str, float]:
     """Causal LM: next-token top-1 over every non-pad position of the validation texts, then greedy generation."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run.source.path)
@@ -98,7 +116,10 @@ def text_generation(run) -> dict[str, float]:
     model = AutoModelForCausalLM.from_pretrained(run.source.path).eval()
 
     def forward_inputs(enc):
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, enc["attention_mask"]
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        labels = torch.full_like(ids, -100)  # position t predicts token t + 1; the last real token predicts nothing
+        labels[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
+        return {"input_ids": ids, "attention_mask": mask}, mask, labels
 
     return _compare(run, model, _ort_model(run, "ORTModelForCausalLM"), tokenizer, forward_inputs,
                     {"max_length": 16, "add_special_tokens": False})
@@ -118,8 +139,9 @@ def text2text_generation(run) -> dict[str, float]:
         # decoder input: start token + the text, so every position predicts a real next token
         dec_ids = torch.cat([torch.full_like(enc["input_ids"][:, :1], start), enc["input_ids"][:, :-1]], dim=1)
         dec_mask = torch.cat([torch.ones_like(enc["attention_mask"][:, :1]), enc["attention_mask"][:, :-1]], dim=1)
+        labels = torch.where(enc["attention_mask"].bool(), enc["input_ids"], -100)  # position t predicts text token t
         return ({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "decoder_input_ids": dec_ids},
-                dec_mask)
+                dec_mask, labels)
 
     return _compare(run, model, _ort_model(run, "ORTModelForSeq2SeqLM"), tokenizer, forward_inputs,
                     {"max_length": MAX_LENGTH})

@@ -1,0 +1,160 @@
+"""weight_only: MatMul weights to 8- or 4-bit blocks (MatMulNBits) with onnxruntime's weight-only quantizers.
+
+For decoders, whose decode step is bound by reading weights, not by arithmetic: activations stay float (or are
+quantized on the fly inside MatMulNBits at accuracy_level 4), so there is no activation range to calibrate and
+no outlier channel to clip. MatMuls that are already MatMulNBits (GGUF blocks carried over at export) are left
+as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from optpipe.errors import InvalidOptionError
+from optpipe.passbase import OnnxPass, PassContext, Report, needs_external_data
+
+log = logging.getLogger("optpipe.weight_only")
+
+# onnxruntime.quantization's weight-only algorithms by the name a recipe uses
+ALGORITHMS = ("default", "hqq", "rtn", "k_quant")
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    bits: int = 4  # 4 or 8
+    block_size: int = 32  # weights per scale along the input dimension
+    symmetric: bool = False  # asymmetric blocks (a zero point each) fit skewed weight blocks better
+    accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (VNNI/AMX/AVX2 kernels), 0 = float
+    # default: onnxruntime's block round-to-nearest (4 and 8 bits); hqq: half-quadratic (4 bits, no data);
+    # rtn / k_quant: neural-compressor's RTN and llama.cpp-style k-quant search (4 bits)
+    algorithm: str = "default"
+    lm_head_bits: int = 8  # the output projection (logits) is the most sensitive layer: 8, 4, or 0 to keep float
+    keep_float: tuple[str, ...] = ()  # node names or regular expressions kept float
+
+    def check(self) -> None:
+        if self.bits not in (4, 8):
+            raise InvalidOptionError(f"weight_only.bits must be 4 or 8, not {self.bits}")
+        if self.lm_head_bits not in (0, 4, 8):
+            raise InvalidOptionError(f"weight_only.lm_head_bits must be 0 (float), 4 or 8, not {self.lm_head_bits}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InvalidOptionError(f"weight_only.block_size must be a power of two >= 16, not {self.block_size}")
+        if self.algorithm not in ALGORITHMS:
+            raise InvalidOptionError(f"weight_only.algorithm must be one of {', '.join(ALGORITHMS)}, "
+                                     f"not {self.algorithm!r}")
+        if self.algorithm != "default" and 8 in (self.bits, self.lm_head_bits):
+            raise InvalidOptionError(f"weight_only.algorithm={self.algorithm} writes 4-bit weights only; use "
+                                     "algorithm=default for 8 bits (and lm_head_bits=4 or 0)")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise InvalidOptionError(f"weight_only.accuracy_level must be 0 to 4, not {self.accuracy_level}")
+
+
+@dataclass(frozen=True)
+class WeightOnlyComponent(Report):
+    quantized: dict[str, int] = field(default_factory=dict)  # bits -> MatMuls written as MatMulNBits here
+    carried: int = 0  # MatMulNBits already in the input (GGUF blocks carried over at export)
+    kept_float: dict[str, str] = field(default_factory=dict)  # node -> why it stays float
+    lm_head: str = ""  # what became of the output projection
+
+
+@dataclass(frozen=True)
+class WeightOnlyReport(Report):
+    bits: int = 4
+    algorithm: str = "default"
+    block_size: int = 32
+    accuracy_level: int = 4
+    components: dict[str, WeightOnlyComponent] = field(default_factory=dict)
+
+
+def weight_matmuls(model) -> dict[str, str]:
+    """MatMul node -> its weight initializer, for MatMuls whose second input is a constant 2-D weight."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    return {node.name: node.input[1] for node in model.graph.node if node.op_type == "MatMul"
+            and node.input[1] in initializers and len(initializers[node.input[1]].dims) == 2}
+
+
+def lm_head_nodes(model) -> list[str]:
+    """The projection(s) that write the graph's logits output."""
+    outputs = {o.name for o in model.graph.output if o.name == "logits"} or {model.graph.output[0].name}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    found, frontier = [], list(outputs)
+    while frontier:  # walk back through reshapes/casts to the MatMul or Gemm
+        node = producers.get(frontier.pop())
+        if node is None:
+            continue
+        if node.op_type in ("MatMul", "Gemm", "MatMulNBits"):
+            found.append(node.name)
+        elif node.op_type in ("Reshape", "Cast", "Identity", "Add"):
+            frontier.append(node.input[0])
+    return found
+
+
+class WeightOnlyPass(OnnxPass):
+    name = "weight_only"
+    Config = WeightOnlyConfig
+    Report = WeightOnlyReport
+
+    def transform(self, src: Path, dst: Path, config: WeightOnlyConfig, ctx: PassContext) -> WeightOnlyComponent:
+        import onnx
+
+        model = onnx.load(str(src))
+        candidates = weight_matmuls(model)
+        carried = sum(1 for node in model.graph.node if node.op_type == "MatMulNBits")
+        heads = lm_head_nodes(model)
+        kept = _kept_float(list(candidates), config.keep_float)
+        for name in heads:
+            if name not in candidates:
+                kept[name] = ("already MatMulNBits (carried over)" if name.startswith("lm_head") and carried
+                              else "tied to the embedding table: one float copy serves both")
+        if config.lm_head_bits == 0:
+            kept.update({n: "lm_head_bits = 0: the output projection stays float" for n in heads if n in candidates})
+        head_bits = {n: config.lm_head_bits for n in heads if n in candidates and n not in kept}
+        body = [n for n in candidates if n not in kept and n not in head_bits]
+        ctx.progress(f"  {src.name}: {len(body)} MatMuls to {config.bits}-bit ({config.algorithm}), "
+                     f"lm_head {config.lm_head_bits or 'float'}, {carried} already MatMulNBits")
+        groups = [(config.bits, body), *((bits, [n]) for n, bits in head_bits.items())]
+        quantized: dict[str, int] = {}
+        for bits, nodes in groups:
+            if nodes:
+                model = _quantize(model, nodes, bits, config)
+                quantized[str(bits)] = quantized.get(str(bits), 0) + len(nodes)
+        if needs_external_data(model):
+            onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+        else:
+            onnx.save_model(model, str(dst))
+        lm_head = "; ".join(f"{n}: {head_bits[n]}-bit" if n in head_bits else f"{n}: {kept.get(n, 'MatMulNBits')}"
+                            for n in heads)
+        return WeightOnlyComponent(quantized=quantized, carried=carried, kept_float=kept, lm_head=lm_head)
+
+    def summarize(self, components: dict[str, WeightOnlyComponent], config: WeightOnlyConfig,
+                  ctx: PassContext) -> WeightOnlyReport:
+        return WeightOnlyReport(bits=config.bits, algorithm=config.algorithm, block_size=config.block_size,
+                                accuracy_level=config.accuracy_level, components=components)
+
+
+def _kept_float(names: list[str], patterns: tuple[str, ...]) -> dict[str, str]:
+    compiled = [re.compile(p) for p in patterns]
+    return {n: "kept float by the recipe (keep_float)" for n in names
+            if n in patterns or any(p.fullmatch(n) for p in compiled)}
+
+
+def _quantize(model, nodes: list[str], bits: int, config: WeightOnlyConfig):
+    """Quantize exactly `nodes` (MatMul names) of `model` to `bits`; returns the new ModelProto."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    algo = {
+        "default": lambda: mnq.DefaultWeightOnlyQuantConfig(block_size=config.block_size,
+                                                            is_symmetric=config.symmetric,
+                                                            accuracy_level=config.accuracy_level, bits=bits),
+        "hqq": lambda: mnq.HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=bits),
+        "rtn": lambda: mnq.RTNWeightOnlyQuantConfig(),
+        "k_quant": lambda: mnq.KQuantWeightOnlyQuantConfig(),
+    }[config.algorithm]()
+    others = [n for n in weight_matmuls(model) if n not in nodes]  # RTN / k-quant read only the exclusions
+    quantizer = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=config.block_size,
+                                         is_symmetric=config.symmetric, accuracy_level=config.accuracy_level,
+                                         nodes_to_include=nodes, nodes_to_exclude=others, algo_config=algo)
+    quantizer.process()
+    return quantizer.model.model
