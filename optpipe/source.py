@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from optpipe.errors import ModelNotFoundError, UnsupportedModelError
@@ -36,10 +36,14 @@ class ModelSource:
     model_type: str
     revision: str | None
     content_hash: str
+    gguf_file: Path | None = None  # the .gguf this directory was converted from (content_hash is its sha256)
+    gguf_types: dict[str, int] | None = field(default=None, hash=False)  # GGUF tensor type -> count
+    tokenizer_fixes: tuple[str, ...] = ()  # what optpipe changed in the tokenizer, e.g. the pad token it added
 
     @property
     def name(self) -> str:
-        return self.model_id.rstrip("/").split("/")[-1]
+        name = self.model_id.rstrip("/").split("/")[-1]
+        return name[: -len(".gguf")] if self.gguf_file is not None and name.endswith(".gguf") else name
 
     def to_json(self) -> dict:
         return {
@@ -49,6 +53,9 @@ class ModelSource:
             "model_type": self.model_type,
             "revision": self.revision,
             "content_sha256": self.content_hash,
+            "gguf_file": str(self.gguf_file) if self.gguf_file is not None else None,
+            "gguf_types": self.gguf_types,
+            "tokenizer_fixes": list(self.tokenizer_fixes),
         }
 
 
@@ -64,6 +71,16 @@ def bundled_model_dir() -> Path:
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"the bundled model package is incomplete ({path} has no config.json); reinstall it")
     return path
+
+
+def load_tokenizer(path: str | Path, **kwargs):
+    """AutoTokenizer.from_pretrained(path), with pad_token = eos_token when it has none (batches are padded)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def hash_directory(path: Path) -> str:
@@ -110,13 +127,36 @@ def _download(model_id: str, revision: str | None) -> Path:
         ) from exc
 
 
+def _gguf_source(converted, task: str | None) -> ModelSource:
+    config = json.loads((converted.path / "config.json").read_text())
+    return ModelSource(
+        model_id=str(converted.gguf_file),
+        path=converted.path,
+        task=task or infer_task(config),
+        model_type=config.get("model_type", "unknown"),
+        revision=None,
+        content_hash=converted.sha256,
+        gguf_file=converted.gguf_file,
+        gguf_types=dict(converted.types),
+        tokenizer_fixes=converted.tokenizer_fixes,
+    )
+
+
 def resolve_source(model: str | None = None, task: str | None = None, revision: str | None = None) -> ModelSource:
     """Turn a hub id, a local directory or None (the bundled MiniLM) into a ModelSource."""
     if model is None:
         path, model_id = bundled_model_dir(), BUNDLED_MODEL_ID
     else:
         candidate = Path(model).expanduser()
+        if candidate.exists():
+            from optpipe.gguf_source import convert_gguf, find_gguf
+
+            gguf_file = find_gguf(candidate)
+            if gguf_file is not None:
+                return _gguf_source(convert_gguf(gguf_file), task)
         looks_like_path = candidate.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+        if model.lower().endswith(".gguf") and not candidate.exists():
+            raise ModelNotFoundError(f"GGUF file {model!r} does not exist")
         if looks_like_path:
             if not candidate.is_dir():
                 raise ModelNotFoundError(f"model directory {model!r} does not exist")
