@@ -100,7 +100,7 @@ def _load(model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     params = {name: t.detach().numpy() for name, t in model.state_dict().items()}
@@ -212,6 +212,8 @@ def build_decoder(model_dir: Path, out_path: Path, *, weights: WeightSource | No
     notes = []
     if tied and head_kind != "untied":
         notes.append(f"tied lm_head reads the embedding table through {head_kind} (stored once)")
+    if g.dequantized:
+        notes.append(f"NBits weights dequantized to float (no MatMul to take them): {', '.join(g.dequantized)}")
     if any(w > 0 for w in windows):
         notes.append(f"sliding window {max(windows)} -> GroupQueryAttention local_window_size")
     return DecoderGraphReport(

@@ -37,6 +37,7 @@ class GraphWriter:
         self.initializers: list = []
         self.nbits: list[str] = []
         self.overridden: list[str] = []
+        self.dequantized: list[str] = []
         self._names: Counter = Counter()
         self._resolved: dict[str, object] = {}
         self._consts: dict[str, tuple[str, np.ndarray]] = {}
@@ -90,7 +91,10 @@ class GraphWriter:
     def float_weight(self, name: str) -> np.ndarray:
         """A weight that has no MatMulNBits form (norms, embeddings, biases): NBits overrides are dequantized."""
         value = self.weight(name)
-        return value.dequantize() if isinstance(value, NBitsWeight) else value
+        if isinstance(value, NBitsWeight):
+            self.dequantized.append(name)
+            return value.dequantize().reshape(self.params[name].shape)
+        return value
 
     def linear(self, x: str, prefix: str) -> str:
         """y = x @ W.T (+ b) for the HF nn.Linear `prefix` (e.g. model.layers.0.self_attn.q_proj)."""

@@ -187,16 +187,38 @@ def _with_config(source: Path, dest: Path, **changes) -> Path:
     return dest
 
 
-def test_llama3_rope_scaling_matches_torch(built, tmp_path):
+ROPE_SCALING = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROPE_SCALING))
+def test_rope_scaling_matches_torch(built, tmp_path, kind):
     source, _, _ = built("llama")
-    scaled = _with_config(source, tmp_path / "llama3", rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16})
+    scaled = _with_config(source, tmp_path / kind, rope_scaling=ROPE_SCALING[kind])
     build_decoder(scaled, tmp_path / "model.onnx")
     enc = _batch(scaled)
     prefill, ref, decoded, ref_step = _prefill_and_decode(_session(tmp_path / "model.onnx"), _torch(scaled), enc)
     assert np.abs(prefill - ref)[enc.attention_mask.numpy().astype(bool)].max() < 1e-3
     assert np.abs(decoded - ref_step).max() < 1e-3
+
+
+def test_external_data_above_threshold(built, tmp_path, monkeypatch):
+    """Graphs over the threshold (1.8 GB) keep their weights in model.onnx.data; tried here with a tiny threshold."""
+    import optpipe.passes.decoder_graph as decoder_graph
+
+    source, out, _ = built("llama")
+    monkeypatch.setattr(decoder_graph, "_EXTERNAL_DATA_BYTES", 10_000)
+    build_decoder(source, tmp_path / "model.onnx")
+    assert (tmp_path / "model.onnx.data").stat().st_size > 10 * (tmp_path / "model.onnx").stat().st_size
+    enc = _batch(source)
+    feed = {"input_ids": enc.input_ids.numpy(), "attention_mask": enc.attention_mask.numpy(),
+            **_empty_past(_torch(source).config, 2)}
+    inline, external = (_session(p).run(["logits"], feed)[0] for p in (out / "model.onnx", tmp_path / "model.onnx"))
+    assert np.array_equal(inline, external)
 
 
 def test_unsupported_models_raise(built, tmp_path):
