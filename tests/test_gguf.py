@@ -173,6 +173,22 @@ def test_gguf_source_is_cached_and_dir_form_resolves(tiny_gguf, tiny_source):
     assert json.loads((again.path / "optpipe-gguf.json").read_text())["gguf_sha256"] == again.content_hash
 
 
+def test_interrupted_conversion_leaves_nothing(tmp_path, tokenizer_fields, monkeypatch):
+    import optpipe.gguf_source as gguf_source
+    from optpipe.artifact import sha256_file
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    path = tmp_path / "other.gguf"
+    write_gguf(path, tokenizer_fields, seed=7)
+    monkeypatch.setattr(gguf_source, "_tokenizer", ctrl_c)  # the weights are written by then
+    with pytest.raises(KeyboardInterrupt):
+        resolve_source(str(path))
+    target = gguf_source.converted_dir(sha256_file(path))
+    assert not target.exists() and not list(target.parent.glob(f".{target.name}*"))
+
+
 def test_directory_with_two_ggufs(tmp_path, tiny_gguf):
     for name in ("a.gguf", "b.gguf"):
         (tmp_path / name).write_bytes(b"")
@@ -235,10 +251,11 @@ def test_carried_weights_equal_what_transformers_loads(tiny_gguf, loaded):
         expected = loaded["model.embed_tokens.weight" if name == "lm_head.weight" else name]
         if carried.types[name] in ("Q4_0", "Q8_0"):
             assert np.array_equal(weight.dequantize(), expected), name
-        else:  # Q4_1: float zero point, exact in ORT's formula; (q - zp) * scale is within 1 ulp of the block's max
+        else:  # Q4_1: a float zero point, exact in ORT's formula but for ~0.03 % of blocks (none with this seed)
             assert carried.types[name] == "Q4_1"
-            assert inexact_blocks(weight, expected) == 0, name
-            assert block_ulps(weight.dequantize(), expected) <= 1.0, name
+            assert inexact_blocks(weight, expected) <= 0.001 * weight.n * weight.k_blocks, name
+            assert block_ulps(ort_dequantize(weight), expected) <= 1.0, name
+            assert block_ulps(weight.dequantize(), expected) <= 1.0, name  # (q - zp) * scale
 
 
 def test_llama_qk_rows_are_permuted_as_transformers_does(tiny_gguf, loaded):
