@@ -234,25 +234,30 @@ def test_unsupported_models_raise(built, tmp_path):
 
 
 def test_genai_generates_torch_greedy(built):
+    """A batch as onnxruntime-genai pads it (on the right, with pad_token_id): each row is torch's greedy output."""
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
     from transformers import AutoTokenizer
 
     source, out, _ = built("llama")
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["decoder"]["filename"] == "model.onnx" and config["model"]["type"] == "llama"
-    ids = AutoTokenizer.from_pretrained(source)(TEXTS[0], return_token_type_ids=False).input_ids
+    rows = [AutoTokenizer.from_pretrained(source)(text, return_token_type_ids=False).input_ids for text in TEXTS]
+    width, pad = max(map(len, rows)), config["model"]["pad_token_id"]
     model = og.Model(str(out))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 8, do_sample=False)
+    params.set_search_options(max_length=width + 8, do_sample=False, batch_size=len(rows))
     generator = og.Generator(model, params)
-    generator.append_tokens(np.array([ids], dtype=np.int32))
-    tokens = []
-    while not generator.is_done():
+    generator.append_tokens(np.array([row + [pad] * (width - len(row)) for row in rows], dtype=np.int32))
+    tokens: list[list[int]] = [[] for _ in rows]
+    for _ in range(8):
         generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    expected = _torch(source).generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                       do_sample=False, max_new_tokens=8)[0, len(ids):].tolist()
-    assert tokens == expected[:len(tokens)] and len(tokens) >= 1
+        for row, token in zip(tokens, generator.get_next_tokens()):
+            row.append(int(token))
+    reference = _torch(source)
+    for ids, generated in zip(rows, tokens):
+        expected = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      do_sample=False, max_new_tokens=8, min_new_tokens=8)[0, len(ids):].tolist()
+        assert generated == expected
 
 
 def test_tied_lm_head_as_matmulnbits_with_float_zero_points(built, tmp_path):
