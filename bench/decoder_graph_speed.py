@@ -138,6 +138,14 @@ def fidelity(source: Path, paths: dict[str, Path]) -> list[str]:
     return lines
 
 
+def _rss_mb() -> float:
+    import gc
+
+    gc.collect()
+    status = Path("/proc/self/status").read_text()
+    return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmRSS"))) / 1024
+
+
 def cpu_facts() -> list[str]:
     info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("Model name")), "?")
@@ -174,7 +182,13 @@ def main() -> None:
     lines += fidelity(source, paths)
 
     ids = AutoTokenizer.from_pretrained(source)(PROMPT, return_tensors="np").input_ids.astype(np.int64)
-    sessions = {name: session(path) for name, path in paths.items()}
+    sessions, rss = {}, {}
+    for name, path in paths.items():
+        before = _rss_mb()
+        sessions[name] = session(path)
+        rss[name] = _rss_mb() - before
+    lines.append("resident memory added by each session (VmRSS delta at creation): "
+                 + ", ".join(f"{n} {v:.0f} MB" for n, v in rss.items()))
     for name, sess in sessions.items():  # warm-up: first runs allocate and prepack
         generate(sess, config, ids, 4)
     decode: dict[str, list[float]] = {name: [] for name in sessions}

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from optpipe.errors import UnsupportedModelError
+from optpipe.errors import ModelNotFoundError, UnsupportedModelError
 from optpipe.passes.decoder_layers import GraphWriter, LayerShape, WeightSource, kv_value_info
 
 log = logging.getLogger("optpipe.decoder_graph")
@@ -46,6 +46,19 @@ class DecoderGraphReport:
     tied_lm_head: str  # "untied", or how the shared embedding table serves as lm_head ("gemm" / "transpose")
     path: Path
     notes: tuple[str, ...] = ()
+
+
+def _config(model_dir: Path):
+    from transformers import AutoConfig
+
+    if not (model_dir / "config.json").is_file():
+        raise ModelNotFoundError(f"no config.json in {model_dir}: the decoder graph builder needs a Hugging Face "
+                                 "model directory")
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (KeyError, ValueError) as exc:  # a model_type this transformers does not know
+        raise UnsupportedModelError(f"unsupported model: transformers cannot read {model_dir / 'config.json'} "
+                                    f"({str(exc).splitlines()[0]})") from exc
 
 
 def _check_supported(config) -> None:
@@ -158,17 +171,17 @@ def build_decoder(model_dir: Path, out_path: Path, *, weights: WeightSource | No
     """Write the fused ONNX graph of the llama/qwen2/mistral model in `model_dir` to `out_path` (model.onnx).
 
     weights(hf_param_name) may return an NBitsWeight (that linear becomes MatMulNBits), a float array (used instead
-    of the model's) or None (the model's own). tied_head: how a tied lm_head reads the one stored embedding table.
+    of the model's) or None (the model's own). A tied lm_head reads the (possibly overridden) embedding table unless
+    weights("lm_head.weight") gives it its own; tied_head says how: Gemm(transB=1) or MatMul on a Transpose.
+    Only model.onnx is written; write_genai_config copies config and tokenizer files beside it.
     """
-    from transformers import AutoConfig
-
-    say = progress or (lambda message: None)
-    model_dir, out_path = Path(model_dir), Path(out_path)
-    _check_supported(AutoConfig.from_pretrained(model_dir))
-    say(f"  loading {model_dir.name} in float32")
-    config, params, tied = _load(model_dir)
     if tied_head not in ("gemm", "transpose"):
         raise ValueError(f"tied_head must be 'gemm' or 'transpose', not {tied_head!r}")
+    say = progress or (lambda message: None)
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    _check_supported(_config(model_dir))
+    say(f"  loading {model_dir.name} in float32")
+    config, params, tied = _load(model_dir)
     windows = _local_windows(config)
     head_dim = _head_dim(config)
     g = GraphWriter(params, weights, accuracy_level)
@@ -209,9 +222,11 @@ def build_decoder(model_dir: Path, out_path: Path, *, weights: WeightSource | No
     say(f"  writing {out_path.name}")
     _save(model, out_path)
 
-    notes = []
+    notes = ["no position_ids input: GroupQueryAttention takes positions from attention_mask (ORTModelForCausalLM "
+             "logs a 'legacy ONNX model' warning for this; generation is unaffected)"]
     if tied and head_kind != "untied":
-        notes.append(f"tied lm_head reads the embedding table through {head_kind} (stored once)")
+        notes.append(f"tied lm_head reads the embedding table through {head_kind} (stored once); gemm is the default: "
+                     "decode speed and session memory equal transpose's within noise (bench/results/decoder_graph_speed.txt)")
     if g.dequantized:
         notes.append(f"NBits weights dequantized to float (no MatMul to take them): {', '.join(g.dequantized)}")
     if any(w > 0 for w in windows):
