@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -134,7 +133,8 @@ def fidelity(source: Path, paths: dict[str, Path]) -> list[str]:
                                             None))[0]
         diff = np.abs(logits - ref)[valid]
         agree = (logits.argmax(-1) == ref.argmax(-1))[valid].mean()
-        lines.append(f"  {name:16s} max abs diff {diff.max():.2e}  mean {diff.mean():.2e}  argmax agreement {agree:.3f}")
+        lines.append(f"  {name:16s} max abs diff {diff.max():.2e}  mean {diff.mean():.2e}  "
+                     f"argmax agreement {agree:.3f}")
     return lines
 
 
@@ -201,7 +201,8 @@ def main() -> None:
             prefill[name].append(pre)
             decode[name].append(args.new_tokens / dec)
             cpu[name].append(1000 * dec_cpu / args.new_tokens)
-        print(f"round {r + 1}: " + ", ".join(f"{n} {decode[n][-1]:.1f} tok/s {cpu[n][-1]:.1f} ms CPU" for n in sessions))
+        print(f"round {r + 1}: " + ", ".join(f"{n} {decode[n][-1]:.1f} tok/s {cpu[n][-1]:.1f} ms CPU"
+                                            for n in sessions))
     lines.append(f"decode: prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens greedy, {args.rounds} "
                  "interleaved rounds, 2 intra-op threads, allow_spinning=0 (median [min, max]):")
     for name in sessions:

@@ -13,8 +13,6 @@ rotates the hidden states back after them; a right-padded or unpadded batch is l
 
 from __future__ import annotations
 
-import json
-import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +24,6 @@ from onnx import TensorProto, helper
 
 from optpipe.errors import ModelNotFoundError, UnsupportedModelError
 from optpipe.passes.decoder_layers import GraphWriter, LayerShape, WeightSource, kv_value_info
-
-log = logging.getLogger("optpipe.decoder_graph")
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # static frequencies: they fit a precomputed cos/sin cache
@@ -216,8 +212,8 @@ def build_decoder(model_dir: Path, out_path: Path, *, weights: WeightSource | No
         inputs += [kv_value_info(i, "key", "in", kv_shape), kv_value_info(i, "value", "in", kv_shape)]
         outputs += [kv_value_info(i, "key", "out", kv_shape), kv_value_info(i, "value", "out", kv_shape)]
     graph = helper.make_graph(g.nodes, f"{config.model_type}_decoder", inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="optpipe.decoder_graph")
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="optpipe.decoder_graph")
     model.ir_version = 8
     say(f"  writing {out_path.name}")
     _save(model, out_path)
@@ -226,7 +222,8 @@ def build_decoder(model_dir: Path, out_path: Path, *, weights: WeightSource | No
              "logs a 'legacy ONNX model' warning for this; generation is unaffected)"]
     if tied and head_kind != "untied":
         notes.append(f"tied lm_head reads the embedding table through {head_kind} (stored once); gemm is the default: "
-                     "decode speed and session memory equal transpose's within noise (bench/results/decoder_graph_speed.txt)")
+                     "decode speed and session memory equal transpose's within noise "
+                     "(bench/results/decoder_graph_speed.txt)")
     if g.dequantized:
         notes.append(f"NBits weights dequantized to float (no MatMul to take them): {', '.join(g.dequantized)}")
     if any(w > 0 for w in windows):
