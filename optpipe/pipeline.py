@@ -18,7 +18,7 @@ from typing import Any
 from optpipe import cache
 from optpipe.errors import InvalidOptionError, OptpipeError, PassFailedError, PipelineOrderError
 from optpipe.passbase import ModelFiles, Pass, PassContext, PassResult, Progress
-from optpipe.recipe import PassSpec
+from optpipe.targets.recipe import PassSpec
 from optpipe.source import ModelSource
 
 log = logging.getLogger("optpipe")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from optpipe.errors import InvalidOptionError
 from optpipe.passbase import PassContext
+from optpipe.source import load_tokenizer
 
 if TYPE_CHECKING:
     from optpipe.passes.prune import PruneConfig
@@ -42,7 +43,7 @@ def load_model(path: Path):
     arch = next(iter(config.get("architectures") or []), None)
     cls = getattr(transformers, arch, None) if arch else None
     model = (cls or transformers.AutoModel).from_pretrained(path, dtype="float32").eval()
-    return model, transformers.AutoTokenizer.from_pretrained(path)
+    return model, load_tokenizer(path)
 
 
 def calibration_texts(ctx: PassContext) -> tuple[str, ...]:

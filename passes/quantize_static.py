@@ -25,6 +25,8 @@ import numpy as np
 
 from optpipe.data.calibration import TextCalibrationReader, graph_input_names, load_calibration, tokenized_batches
 from optpipe.errors import CalibrationDataError
+from optpipe.passbase import track
+from optpipe.source import load_tokenizer
 
 log = logging.getLogger("optpipe.quantize")
 
@@ -70,7 +72,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _quantize(src: Path, dst: Path, config, batches, cache: Path, excluded: list[str], large: bool,
-              only: list[str] | None = None) -> None:
+              only: list[str] | None = None, progress=None) -> None:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -87,8 +89,9 @@ def _quantize(src: Path, dst: Path, config, batches, cache: Path, excluded: list
     }
     if not config.quantize_outputs:
         extra["OpTypesToExcludeOutputQuantization"] = list(WEIGHTED_OPS)
+    reader = TextCalibrationReader(batches, progress)  # Ticks for the batches it calibrates on, if any
     quantize_static(
-        str(src), str(dst), TextCalibrationReader(batches),
+        str(src), str(dst), reader,
         quant_format=QuantFormat.QDQ if config.quant_format == "qdq" else QuantFormat.QOperator,
         op_types_to_quantize=list(config.op_types) or None,
         per_channel=config.per_channel,
@@ -102,6 +105,7 @@ def _quantize(src: Path, dst: Path, config, batches, cache: Path, excluded: list
         extra_options=extra,
         calibration_cache_path=str(cache),
     )
+    reader.finish()
 
 
 def _pooled(session, batches) -> np.ndarray:
@@ -160,8 +164,8 @@ def sensitivity(prepared: Path, config, batches, cache: Path, work: Path, large:
     candidates = [n for n in quantizable_nodes(prepared, config) if n not in excluded]
     progress(f"  sensitivity: quantizing {len(candidates)} nodes one at a time")
     trial = work / "trial.onnx"
-    for name in candidates:
-        _quantize(prepared, trial, config, batches, cache, excluded, large, only=[name])
+    for name in track(candidates, "sensitivity", progress, unit="node"):  # the first trial calibrates
+        _quantize(prepared, trial, config, batches, cache, excluded, large, only=[name], progress=progress)
         losses[name] = round(1.0 - mean_cosine(_pooled(_session(trial), batches), reference), 6)
     return dict(sorted(losses.items(), key=lambda kv: -kv[1]))
 
@@ -189,11 +193,9 @@ def write_ranges(cache: Path, dest: Path, config, calibration: dict[str, Any]) -
 def quantize_static_component(src: Path, dst: Path, config, excluded_nodes: list[str], large: bool,
                               ctx) -> dict[str, Any]:
     """Calibrate, choose float fallbacks by sensitivity, quantize `src` into `dst`; returns report entries."""
-    from transformers import AutoTokenizer
-
     calib = load_calibration(ctx.calibration, column=config.calibration_column, limit=config.calibration_samples)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ctx.source.path)
+        tokenizer = load_tokenizer(ctx.source.path)
     except Exception as exc:
         raise CalibrationDataError(f"static quantization needs the model's tokenizer to calibrate: {exc}") from exc
     batches = tokenized_batches(calib.texts, tokenizer, graph_input_names(src))
@@ -212,7 +214,7 @@ def quantize_static_component(src: Path, dst: Path, config, excluded_nodes: list
                 kept[name] = (f"sensitivity rank {rank} of {len(losses)}: quantizing it alone costs {loss:.5f} "
                               "mean cosine on the calibration texts")
             excluded += list(kept)
-        _quantize(prepared, dst, config, batches, cache, excluded, large)
+        _quantize(prepared, dst, config, batches, cache, excluded, large, progress=ctx.progress)
         kept.update(activation_matmuls(prepared, config, excluded))
         calibration = {**calib.to_json(), "batches": len(batches), "sequence_lengths": [16, 32, 64, 128]}
         ranges = ranges_file_name(dst.name)

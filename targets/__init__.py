@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from optpipe.errors import InvalidOptionError, UnknownTargetError, UnsupportedModelError
-from optpipe.recipe import PassSpec, format_pipeline, parse_pipeline, parse_value
+from optpipe.targets.recipe import PassSpec, format_pipeline, parse_pipeline, parse_value
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from optpipe import optimize
 from optpipe.errors import InvalidOptionError, PipelineOrderError
 from optpipe.passes import PASSES
 from optpipe.pipeline import Pipeline
-from optpipe.recipe import parse_pipeline
+from optpipe.targets.recipe import parse_pipeline
 
 
 def test_order_is_checked_before_any_work():

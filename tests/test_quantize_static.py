@@ -14,7 +14,7 @@ from optpipe import optimize
 from optpipe.errors import InvalidOptionError
 from optpipe.passes import PASSES
 from optpipe.pipeline import Pipeline
-from optpipe.recipe import parse_pipeline
+from optpipe.targets.recipe import parse_pipeline
 
 
 def _ops(path) -> dict[str, int]:

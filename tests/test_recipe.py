@@ -1,7 +1,7 @@
 import pytest
 
 from optpipe.errors import InvalidOptionError
-from optpipe.recipe import PassSpec, format_pipeline, parse_pipeline, parse_value
+from optpipe.targets.recipe import PassSpec, format_pipeline, parse_pipeline, parse_value
 
 
 def test_parse_pipeline_with_options_and_lists():

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from optpipe.source import load_tokenizer
+
 log = logging.getLogger("optpipe.perf.harness")
 
 _INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -46,9 +48,7 @@ def token_stream(model_dir: str) -> np.ndarray:
             tokenizer.no_truncation()
             ids = [i for text in validation_texts() for i in tokenizer.encode(text, add_special_tokens=False).ids]
         else:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            tokenizer = load_tokenizer(model_dir)
             ids = [i for text in validation_texts() for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
         if ids:
             return np.asarray(ids, dtype=np.int64)

@@ -11,7 +11,7 @@ import numpy as np
 
 from optpipe.errors import EvalDataError, UnsupportedModelError
 from optpipe.pipeline import ModelFiles
-from optpipe.source import ModelSource
+from optpipe.source import load_tokenizer, ModelSource
 
 # The fidelity metric per task that `validate` computes, higher is better, 1.0 = identical to PyTorch.
 FIDELITY_METRICS = ("mean_cosine", "top1_agreement", "next_token_agreement")
@@ -97,7 +97,7 @@ def load_eval(path: str | Path, label2id: dict[str, int], num_labels: int) -> tu
 def accuracy_scorer(source: ModelSource, eval_file: str | Path) -> Scorer:
     """A classifier's accuracy on labelled texts; the loss is the relative drop from the PyTorch model's."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if not Path(eval_file).expanduser().is_file():
         raise EvalDataError(f"eval file {eval_file} does not exist")
@@ -106,7 +106,7 @@ def accuracy_scorer(source: ModelSource, eval_file: str | Path) -> Scorer:
                             "(leave out --eval to tune on fidelity)")
     config = AutoConfig.from_pretrained(source.path)
     texts, labels = load_eval(eval_file, dict(config.label2id or {}), int(config.num_labels))
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    tokenizer = load_tokenizer(source.path)
     encoded = [tokenizer(texts[i:i + BATCH], padding=True, truncation=True, max_length=MAX_LENGTH,
                          return_tensors="np") for i in range(0, len(texts), BATCH)]
     model = AutoModelForSequenceClassification.from_pretrained(source.path).eval()

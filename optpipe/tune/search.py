@@ -21,7 +21,7 @@ from typing import Any, Callable
 from optpipe.artifact import Artifact, prepare_destination
 from optpipe.errors import OptpipeError, TuningFailedError
 from optpipe.pipeline import ModelFiles, Pipeline
-from optpipe.recipe import PassSpec, format_pipeline
+from optpipe.targets.recipe import PassSpec, format_pipeline
 from optpipe.source import ModelSource, resolve_source
 from optpipe.targets import Target, load_target
 

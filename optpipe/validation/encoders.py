@@ -12,8 +12,9 @@ import numpy as np
 from optpipe.errors import UnsupportedModelError
 from optpipe.validation.graph_checks import check_graph, cpu_run_errors
 from optpipe.pipeline import ModelFiles
+from optpipe.passbase import track
 from optpipe.session import create_session, provider_works
-from optpipe.source import ModelSource
+from optpipe.source import load_tokenizer, ModelSource
 from optpipe.data.texts import validation_texts
 from optpipe.validation.generation import text2text_generation, text_generation
 
@@ -53,6 +54,7 @@ class Runner:
     session: Callable[[Path], Any]
     texts: tuple[str, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[Any], None] | None = None  # gets Ticks over the texts (passbase.track)
 
 
 def _batches(texts: tuple[str, ...], size: int = BATCH):
@@ -78,13 +80,13 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def feature_extraction(run: Runner) -> dict[str, float]:
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    tokenizer = AutoTokenizer.from_pretrained(run.source.path)
+    tokenizer = load_tokenizer(run.source.path)
     model = AutoModel.from_pretrained(run.source.path).eval()
     session = run.session(run.files.path / run.files.components[0])
     cosines, max_diff = [], 0.0
-    for batch in _batches(run.texts):
+    for batch in track(list(_batches(run.texts)), "validating", run.progress, unit="batch"):
         enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
         with torch.no_grad():
             ref = model(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state.numpy()
@@ -100,15 +102,15 @@ def feature_extraction(run: Runner) -> dict[str, float]:
 def _classification(run: Runner, per_token: bool) -> dict[str, float]:
     """Top-1 label agreement (per text, or per real token) and the max abs diff of the logits."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(run.source.path)
+    tokenizer = load_tokenizer(run.source.path)
     auto = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
     model = auto.from_pretrained(run.source.path).eval()
     session = run.session(run.files.path / run.files.components[0])
     agree = total = 0
     max_diff = 0.0
-    for batch in _batches(run.texts):
+    for batch in track(list(_batches(run.texts)), "validating", run.progress, unit="batch"):
         enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
         with torch.no_grad():
             ref = model(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.numpy()
@@ -160,7 +162,8 @@ def check_thresholds(metrics: dict[str, float], thresholds: dict[str, float]) ->
     return tuple(failures)
 
 
-def validate(source: ModelSource, files: ModelFiles, target, texts: tuple[str, ...] | None = None) -> ValidationResult:
+def validate(source: ModelSource, files: ModelFiles, target, texts: tuple[str, ...] | None = None,
+             progress: Callable[[Any], None] | None = None) -> ValidationResult:
     """Compare the artifact with the PyTorch model on the target's provider (CPU checks when it is missing)."""
     validator = VALIDATORS.get(source.task)
     if validator is None:
@@ -185,7 +188,7 @@ def validate(source: ModelSource, files: ModelFiles, target, texts: tuple[str, .
     # What the target promises about the graph is checked on the file, with or without its provider.
     checks = check_graph(files, target)
     try:
-        metrics = validator(Runner(source, files, make_session, texts, optimum_options))
+        metrics = validator(Runner(source, files, make_session, texts, optimum_options, progress))
     except cpu_run_errors() as exc:
         if deferred is None:
             raise

@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from optpipe.passbase import track
+from optpipe.source import load_tokenizer
+
 log = logging.getLogger("optpipe.validation.encoders")
 
 BATCH = 8
@@ -63,9 +66,9 @@ def _batches(texts, size: int = BATCH):
         yield list(texts[start:start + size])
 
 
-def _greedy_match(generate_ref, generate_out, prompts: list[dict[str, Any]]) -> dict[str, float]:
+def _greedy_match(generate_ref, generate_out, prompts: list[dict[str, Any]], progress=None) -> dict[str, float]:
     exact, tokens_equal, tokens = 0, 0, 0
-    for enc in prompts:
+    for enc in track(prompts, "generating", progress, unit="prompt"):
         ref = generate_ref(enc)[0].tolist()
         out = generate_out(enc)[0].tolist()
         exact += int(ref == out)
@@ -84,7 +87,7 @@ def _compare(run, model, ort_model, tokenizer, forward_inputs, prompt_args: dict
 
     agree = total = scored = 0
     max_diff = nll_ref = nll_out = 0.0
-    for batch in _batches(run.texts):
+    for batch in track(list(_batches(run.texts)), "validating", run.progress, unit="batch"):
         enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt",
                         return_token_type_ids=False)
         inputs, mask, labels = forward_inputs(enc)
@@ -100,7 +103,7 @@ def _compare(run, model, ort_model, tokenizer, forward_inputs, prompt_args: dict
     kwargs = _greedy_kwargs(tokenizer)
     with torch.no_grad():
         greedy = _greedy_match(lambda e: model.generate(**e, **kwargs), lambda e: ort_model.generate(**e, **kwargs),
-                               prompts)
+                               prompts, run.progress)
     perplexity = float(np.exp(nll_ref / scored))
     return {"next_token_agreement": agree / total, "max_abs_diff": max_diff, "perplexity": perplexity,
             "perplexity_ratio": float(np.exp((nll_out - nll_ref) / scored)), **greedy}
@@ -109,9 +112,9 @@ def _compare(run, model, ort_model, tokenizer, forward_inputs, prompt_args: dict
 def text_generation(run) -> dict[str, float]:
     """Causal LM: next-token top-1 over every non-pad position of the validation texts, then greedy generation."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(run.source.path)
+    tokenizer = load_tokenizer(run.source.path)
     tokenizer.padding_side = "right"  # right padding leaves every real position's logits unchanged
     model = AutoModelForCausalLM.from_pretrained(run.source.path).eval()
 
@@ -128,9 +131,9 @@ def text_generation(run) -> dict[str, float]:
 def text2text_generation(run) -> dict[str, float]:
     """Seq2seq: decoder next-token top-1 given the encoder output (teacher forcing on the text itself), then greedy."""
     import torch
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForSeq2SeqLM
 
-    tokenizer = AutoTokenizer.from_pretrained(run.source.path)
+    tokenizer = load_tokenizer(run.source.path)
     tokenizer.padding_side = "right"
     model = AutoModelForSeq2SeqLM.from_pretrained(run.source.path).eval()
     start = model.config.decoder_start_token_id

@@ -1,0 +1,107 @@
+"""Decoders end to end: llama / qwen2 / mistral through cpu-fp32, cpu-int8 (8-bit weight-only) and cpu-int4,
+fused at export, validated against PyTorch (next-token agreement, perplexity ratio), loadable by Optimum; a GGUF
+source whose blocks are carried over unchanged; and the errors a user meets."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from optpipe import optimize
+from optpipe.errors import UnsupportedModelError
+from tests import models
+from tests.test_gguf import tokenizer_fields, write_gguf  # noqa: F401 (a fixture)
+
+
+@pytest.fixture(scope="module")
+def decoder_dirs(tmp_path_factory):
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = getattr(models, f"tiny_{name}")(tmp_path_factory.mktemp(name) / "model")
+        return built[name]
+
+    return get
+
+
+def _ops(artifact) -> dict[str, int]:
+    return artifact.manifest["graph"]["model.onnx"]["ops"]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
+def test_decoder_int8_is_fused_weight_only_and_validated(decoder_dirs, tmp_path, name):
+    art = optimize(str(decoder_dirs(name)), "cpu-int8", tmp_path / "int8")
+    m = art.manifest
+    assert m["pipeline"].startswith("export{gguf_blocks=true},fuse") and "weight_only{bits=8" in m["pipeline"]
+    ops = _ops(art)
+    assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] >= 3
+    assert ops.get("MatMulInteger", 0) == 0 and ops.get("DynamicQuantizeLinear", 0) == 0  # not dynamic INT8
+    report = m["passes"][2]["report"]["components"]["model.onnx"]
+    assert ops["MatMulNBits"] == sum(report["quantized"].values()) >= 7 * 2  # q k v o gate up down, 2 layers
+    assert report["lm_head"]
+    v = m["validation"]
+    assert v["passed"] and v["metrics"]["next_token_agreement"] >= 0.95
+    assert v["metrics"]["perplexity_ratio"] <= 1.03 and v["thresholds"]["perplexity_ratio"] == 1.03
+    assert (art.path / "genai_config.json").is_file()
+
+
+def test_int4_smaller_than_int8_and_generates_with_optimum(decoder_dirs, tmp_path):
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    int8 = optimize(str(decoder_dirs("llama")), "cpu-int8", tmp_path / "int8")
+    int4 = optimize(str(decoder_dirs("llama")), "cpu-int4", tmp_path / "int4")
+    assert [p["cached"] for p in int4.manifest["passes"]][:2] == [True, True]  # export and fuse shared with int8
+    def q_proj_bytes(art):  # the first layer's q_proj weight as MatMulNBits stores it
+        return sum(len(i.raw_data) for i in onnx.load(str(art.path / "model.onnx")).graph.initializer
+                   if i.name.startswith("model.layers.0.self_attn.q_proj.weight.T_Q"))
+
+    assert 0 < q_proj_bytes(int4) * 2 <= q_proj_bytes(int8)
+    bits = {next(a.i for a in node.attribute if a.name == "bits")
+            for node in onnx.load(str(int4.path / "model.onnx")).graph.node if node.op_type == "MatMulNBits"}
+    assert 4 in bits
+    assert int4.manifest["validation"]["metrics"]["perplexity_ratio"] <= 1.15
+    tokenizer = AutoTokenizer.from_pretrained(int4.path)
+    model = ORTModelForCausalLM.from_pretrained(int4.path)
+    out = model.generate(**tokenizer(["a quiet street"], return_tensors="pt"), max_new_tokens=6, min_new_tokens=6,
+                         do_sample=False)
+    assert out.shape[1] >= 6
+
+
+def test_cpu_int4_of_an_encoder_says_what_to_use(tiny_bert_dir, tmp_path):
+    with pytest.raises(UnsupportedModelError, match="cpu-int4 is for decoders.*use cpu-int8"):
+        optimize(str(tiny_bert_dir), "cpu-int4", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_pad_less_tokenizer_is_handled(decoder_dirs, tmp_path):
+    """Llama-3, Mistral and SmolLM2 ship no pad token; validation pads batches anyway."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "nopad"
+    shutil.copytree(decoder_dirs("llama"), src)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer.eos_token = "[SEP]"  # as LLM tokenizers do: an end-of-sequence token, and no pad token
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(src)
+    assert AutoTokenizer.from_pretrained(src).pad_token is None
+    art = optimize(str(src), "cpu-fp32", tmp_path / "fp32")
+    assert art.manifest["validation"]["metrics"]["next_token_agreement"] >= 0.99
+
+
+def test_gguf_q4_source_carries_its_blocks_to_cpu_int4(tmp_path, tokenizer_fields):
+    """A tiny llama GGUF (Q4_0 / Q4_1 / Q8_0 linears) through cpu-int4: the carried MatMulNBits dequantize to the
+    GGUF's own values, so the artifact agrees with the (dequantized) PyTorch model almost exactly."""
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tokenizer_fields)
+    art = optimize(str(path), "cpu-int4", tmp_path / "int4")
+    export = art.manifest["passes"][0]["report"]
+    assert export["exporter"] == "optpipe decoder builder" and export["gguf_blocks"]["carried"]
+    assert art.manifest["source"]["gguf_types"]
+    v = art.manifest["validation"]
+    assert v["thresholds"]["next_token_agreement"] == 0.95 and v["passed"]
+    assert np.isfinite(v["metrics"]["perplexity_ratio"])
