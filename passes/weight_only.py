@@ -68,11 +68,17 @@ class WeightOnlyReport(Report):
     components: dict[str, WeightOnlyComponent] = field(default_factory=dict)
 
 
+# MatMuls the decoder builder writes beside carried GGUF blocks (their per-block offsets): part of an exact
+# weight, not a layer of their own, so never re-quantized.
+BLOCK_OFFSETS = "/BlockOffsets"
+
+
 def weight_matmuls(model) -> dict[str, str]:
     """MatMul node -> its weight initializer, for MatMuls whose second input is a constant 2-D weight."""
     initializers = {init.name: init for init in model.graph.initializer}
     return {node.name: node.input[1] for node in model.graph.node if node.op_type == "MatMul"
-            and node.input[1] in initializers and len(initializers[node.input[1]].dims) == 2}
+            and node.input[1] in initializers and len(initializers[node.input[1]].dims) == 2
+            and not node.name.endswith(BLOCK_OFFSETS)}
 
 
 def lm_head_nodes(model) -> list[str]:

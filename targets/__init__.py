@@ -65,7 +65,10 @@ class Target:
             if not eq or not dot or not key:
                 raise InvalidOptionError(f"--set {assignment!r}: expected SECTION.KEY=VALUE, e.g. quantize.per_channel=false")
             value = parse_value(raw)
-            if section in ("validate", "provider_options", "harness", "session_options"):
+            if section == "validate":  # a user's threshold holds for every model kind
+                target = replace(target, **{kind: {**getattr(target, kind), key: value} for kind in
+                                            ("validate", "decoder_validate", "decoder_validate_gguf")})
+            elif section in ("provider_options", "harness", "session_options"):
                 target = replace(target, **{section: {**getattr(target, section), key: value}})
             elif target.pass_spec(section) is not None:
                 target = replace(target, **{kind: tuple(s.with_option(key, value) if s.name == section else s
