@@ -216,3 +216,46 @@ def op_counts(model: Any) -> dict[str, int]:
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+@dataclass(frozen=True)
+class Tick:
+    """A structured progress event for a long step: `done` of `total` units of `label` (total None: unknown).
+
+    Progress callbacks receive plain step lines (str) and, during long loops, Ticks; `str(tick)` is a short line,
+    so a callback that only prints still works. The CLI draws a bar from Ticks on a terminal and skips them
+    otherwise; the Python API only forwards them.
+    """
+
+    label: str
+    done: int
+    total: int | None = None
+    unit: str = "it"
+
+    def __str__(self) -> str:
+        return f"  {self.label}: {self.done}" + (f"/{self.total}" if self.total is not None else "") + f" {self.unit}"
+
+
+def track(iterable: Any, label: str, progress: Callable[[Any], None] | None, total: int | None = None, *,
+          unit: str = "it", interval: float = 0.5) -> Any:
+    """Yield the items of `iterable`, sending `progress` a Tick before the first, then at most every `interval`
+    seconds, and one with done == total at the end (when the loop ends early or `total` was unknown, total is
+    set to the count reached). With progress None it is the bare iterable."""
+    import time
+
+    if progress is None:
+        yield from iterable
+        return
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    progress(Tick(label, 0, total, unit))
+    done, last = 0, time.monotonic()
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if done == total or now - last >= interval:
+            progress(Tick(label, done, total, unit))
+            last = now
+    if done != total:
+        progress(Tick(label, done, done, unit))

@@ -8,12 +8,13 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from optpipe.errors import CalibrationDataError
 from optpipe.data.texts import calibration_texts
+from optpipe.passbase import track
 
 FORMATS = (".txt", ".jsonl", ".csv")
 DEFAULT_COLUMN = "text"
@@ -160,14 +161,28 @@ def graph_input_names(model_path: Path) -> list[str]:
 
 
 class TextCalibrationReader:
-    """An onnxruntime CalibrationDataReader over pre-tokenized batches (re-iterable with rewind())."""
+    """An onnxruntime CalibrationDataReader over pre-tokenized batches (re-iterable with rewind()). With
+    `progress`, each batch ORT pulls sends a Tick ("calibrating"); call finish() after quantize_static."""
 
-    def __init__(self, batches: list[dict[str, np.ndarray]]):
+    def __init__(self, batches: list[dict[str, np.ndarray]], progress: Callable[[Any], None] | None = None):
         self.batches = batches
         self._iter: Iterator[dict[str, np.ndarray]] = iter(batches)
+        # Started by the first pull: ORT pulls nothing when its calibration cache already holds the ranges.
+        self._ticks = track(range(len(batches)), "calibrating", progress, unit="batch") if progress else None
+        self._pulled = False
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._iter, None)
+        feed = next(self._iter, None)
+        if feed is not None and self._ticks is not None:
+            next(self._ticks, None)
+            self._pulled = True
+        return feed
+
+    def finish(self) -> None:
+        """Send the last Tick (done == total) when calibration pulled any batch."""
+        if self._pulled:
+            next(self._ticks, None)
+            self._pulled = False
 
     def rewind(self) -> None:
         self._iter = iter(self.batches)
