@@ -113,16 +113,17 @@ def test_a_killed_worker_is_retried_and_nothing_is_half_published(tiny_bert_dir,
     monkeypatch.setenv(CRASH_ONCE_ENV, str(markers))  # the embedded Ray's workers inherit it
     auth_before = os.environ.get("RAY_AUTH_MODE")
     lines: list[str] = []
-    result = sweep([str(tiny_bert_dir)], ["cpu-fp32"], tmp_path / "out", num_cpus=2, bench_seconds=0.3, retries=1,
-                   progress=lines.append)
-    assert result.exit_code == 0, lines
-    (record,) = result.records
+    result = sweep([str(tiny_bert_dir)], ["cpu-fp32", "cuda-fp16"], tmp_path / "out", num_cpus=2, num_gpus=0,
+                   bench_seconds=0.3, retries=1, progress=lines.append)
+    assert result.exit_code == 1, lines
+    record, gpu = result.records
+    assert gpu["status"] == "failed" and "needs a GPU (CUDAExecutionProvider)" in gpu["error"]  # not left pending
     assert (markers / f"{record['job']}.crashed").is_file()  # the first attempt died in os._exit
     assert record["status"] == "ok" and record["reused"] is False
     assert any(".partial-" in name for name in record["cleaned_leftovers"])  # what the dead attempt left
     assert Artifact.load(record["artifact"]).verify() == []
     assert leftovers(tmp_path / "out") == []
-    assert records(tmp_path / "out") == [record]
+    assert records(tmp_path / "out") == [record, gpu]
     assert os.environ.get("RAY_AUTH_MODE") == auth_before  # ray.init's token mode does not leak out of sweep()
 
 
@@ -333,3 +334,29 @@ def test_results_are_rewritten_atomically_and_reuse_needs_the_same_job(tmp_path)
     assert not reusable({**record, "status": "failed"}, job)
     shutil.rmtree(artifact)
     assert not reusable(record, job)  # its artifact is gone from this host
+
+
+def test_a_bench_waits_for_compiles_on_its_machine_unless_isolation_is_bench(tmp_path, monkeypatch):
+    import threading
+
+    from optpipe.sweep.lock import bench_slot, compile_slot
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a lock of this test's own
+
+    def bench_starts_within(isolation: str, seconds: float) -> bool:
+        started = threading.Event()
+
+        def bench():
+            with bench_slot(isolation):
+                started.set()
+
+        with compile_slot(isolation):
+            thread = threading.Thread(target=bench)
+            thread.start()
+            during = started.wait(seconds)
+        thread.join(10)
+        assert started.is_set()  # it ran once the compile let go
+        return during
+
+    assert not bench_starts_within("machine", 0.5)
+    assert bench_starts_within("bench", 5)

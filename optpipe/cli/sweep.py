@@ -22,13 +22,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from optpipe.sweep import sweep
 
     result = sweep(args.models, _targets(args.targets), args.output, address=args.address, overrides=args.set or (),
-                   grid=args.grid or None, num_cpus=args.num_cpus, cpus_per_job=args.cpus_per_job,
-                   bench_seconds=args.bench_seconds, bench_threads=args.threads, retries=args.retries,
-                   progress=_progress(args))
+                   grid=args.grid or None, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                   cpus_per_job=args.cpus_per_job, bench_seconds=args.bench_seconds, bench_threads=args.threads,
+                   bench_isolation=args.bench_isolation, retries=args.retries, progress=_progress(args))
     if getattr(args, "quiet", False):
         print(result.results_file)
         return result.exit_code
-    print(f"\n{'job':<40} {'status':<12} {'p50 ms':>9} {'seq/s':>9} {'fidelity':>22} {'MB':>8} {'s':>6}  ")
+    width = max([len(r["job"]) for r in result.records] + [3])
+    print(f"\n{'job':<{width}} {'status':<12} {'p50 ms':>9} {'seq/s':>9} {'fidelity':>22} {'MB':>8} {'s':>6}  ")
     for r in result.records:
         bench, metrics = r.get("bench") or {}, r.get("validation") or {}
         metric = next((k for k in ("mean_cosine", "top1_agreement", "next_token_agreement") if k in metrics), None)
@@ -37,7 +38,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         p50 = f"{bench['p50_ms']:.3f}" if bench else ""
         rate = f"{bench['sequences_per_s']:.1f}" if bench else ""
         status = r["status"] + (" (reused)" if r.get("reused") else "")
-        print(f"{r['job'][:40]:<40} {status:<12} {p50:>9} {rate:>9} {fidelity:>22} {size:>8} "
+        print(f"{r['job']:<{width}} {status:<12} {p50:>9} {rate:>9} {fidelity:>22} {size:>8} "
               f"{r.get('seconds', 0):>6.1f}  {r.get('error', '')}")
     print(f"results: {result.results_file} ({len(result.ok)} ok, {len(result.failed)} failed, "
           f"{len(result.reused)} reused); report: optpipe report {result.out} -o report.html")
@@ -71,9 +72,14 @@ def add_sweep_parsers(sub) -> None:
     sweep.add_argument("--grid", action="append", metavar="PASS.KEY=V1,V2",
                        help="one job per value (repeatable: the product of all grids)")
     sweep.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all); ignored with --address")
+    sweep.add_argument("--num-gpus", type=int, help="GPUs of the local Ray (default: those Ray detects); ignored "
+                                                    "with --address")
     sweep.add_argument("--cpus-per-job", type=float, default=1, help="CPUs Ray reserves per job (default 1)")
     sweep.add_argument("--bench-seconds", type=float, default=3.0, help="timing budget per shape (default 3)")
     sweep.add_argument("--threads", type=int, help="intra-op threads for the bench (default: ONNX Runtime's)")
+    sweep.add_argument("--bench-isolation", choices=["machine", "bench"], default="machine",
+                       help="machine (default): a bench waits until no other sweep job compiles on its machine; "
+                            "bench: benches only avoid each other (faster, noisier)")
     sweep.add_argument("--retries", type=int, default=2, help="reruns of a job whose worker died (default 2)")
 
     report = sub.add_parser("report", help="HTML + PNG report of sweep outputs and artifact directories")

@@ -40,7 +40,8 @@ def _require_matplotlib():
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise MissingExtraError(f"optpipe report draws with matplotlib, which is not installed: {INSTALL_HINT}") from None
+        raise MissingExtraError(f"optpipe report draws with matplotlib, which is not installed: "
+                                f"{INSTALL_HINT}") from None
     return Figure
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from optpipe.errors import InvalidOptionError, OptpipeError
-from optpipe.sweep.lock import ISOLATION, machine_lock
+from optpipe.sweep.lock import ISOLATION, MODES, bench_slot, compile_slot
 from optpipe.targets import Target, load_target
 
 log = logging.getLogger("optpipe.sweep")
@@ -105,7 +105,7 @@ def _load_path(model: str) -> str:
 
 
 def _label(point: tuple[tuple[str, str], ...]) -> str:
-    return "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", f"{k}-{v}") for k, v in point)
+    return "-".join(re.sub(r"[^A-Za-z0-9._-]+", "_", f"{k}-{v}") for k, v in point)
 
 
 def plan_jobs(models: list[str], targets: list[str | Path | Target], overrides: tuple[str, ...] | list[str] = (),
@@ -120,7 +120,8 @@ def plan_jobs(models: list[str], targets: list[str | Path | Target], overrides: 
     grid_items = parse_grid(grid)
     for assignment in overrides:
         if "=" not in assignment or "." not in assignment.partition("=")[0]:
-            raise InvalidOptionError(f"--set {assignment!r}: expected SECTION.KEY=VALUE, e.g. quantize.per_channel=false")
+            raise InvalidOptionError(f"--set {assignment!r}: expected SECTION.KEY=VALUE, "
+                                     "e.g. quantize.per_channel=false")
     for text in [*overrides, *(k for k, _ in grid_items)]:
         if not any(_applies(_section(text), t) for t in loaded):
             raise InvalidOptionError(f"{text!r}: no target in this sweep has a {_section(text)!r} pass "
@@ -208,9 +209,12 @@ def manifest_facts(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_job(job: SweepJob, artifacts_dir: str, bench_seconds: float = 3.0, bench_threads: int | None = None
-            ) -> dict[str, Any]:
+def run_job(job: SweepJob, artifacts_dir: str, bench_seconds: float = 3.0, bench_threads: int | None = None,
+            isolation: str = "machine") -> dict[str, Any]:
     """Compile, validate and publish `job` under artifacts_dir/job.name, then time it; returns its record.
+
+    isolation "machine": the bench has the machine to itself among sweep jobs; "bench": benches one at a time
+    while other jobs may compile (see optpipe.sweep.lock).
 
     A failure of the job (bad model, failed validation, a library error) is a record with status "failed" and a
     one-line error, never an exception, so the sweep goes on. Only the worker's death escapes (Ray retries it).
@@ -218,6 +222,8 @@ def run_job(job: SweepJob, artifacts_dir: str, bench_seconds: float = 3.0, bench
     from optpipe import bench, optimize
     from optpipe.perf.harness import machine_facts
 
+    if isolation not in MODES:
+        raise InvalidOptionError(f"bench isolation {isolation!r}: choose one of {', '.join(MODES)}")
     started = time.perf_counter()
     record: dict[str, Any] = {**job.identity(), "node": _node_id(), "host": socket.gethostname()}
     dest = Path(artifacts_dir) / job.name
@@ -227,14 +233,14 @@ def run_job(job: SweepJob, artifacts_dir: str, bench_seconds: float = 3.0, bench
         leftovers = _clear_leftovers(dest)
         if leftovers:
             record["cleaned_leftovers"] = leftovers  # an earlier attempt died mid-job
-        with machine_lock(exclusive=False):
+        with compile_slot(isolation):
             artifact = optimize(job.model, job.target, dest, overwrite=True, progress=_progress(job, dest))
         phases["compile"] = round(time.perf_counter() - started, 3)
         record.update(manifest_facts(artifact.manifest), artifact=str(dest))
 
         phase = "bench"
         asked = time.perf_counter()
-        with machine_lock(exclusive=True) as lock_mode:
+        with bench_slot(isolation) as lock_mode:
             began = time.perf_counter()
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             harness = job.target.harness

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from optpipe.errors import OutputError
+from optpipe.errors import InvalidOptionError, OutputError
 from optpipe.sweep.errors import INSTALL_HINT, ClusterError, MissingExtraError, SweepInterrupted
 from optpipe.sweep.jobs import SweepJob, one_line, plan_jobs, run_job
-from optpipe.sweep.lock import ISOLATION
+from optpipe.sweep.lock import ISOLATION, MODES
 from optpipe.sweep.results import SweepResult, failed_record, load_records, reusable, write_records
 from optpipe.targets import Target
 
@@ -39,14 +39,14 @@ def _check_reachable(address: str) -> None:
                            f"`ray start --head --port={port}` or leave out --address for a local one") from None
 
 
-def _connect(ray, address: str | None, num_cpus: int | None) -> tuple[bool, str]:
+def _connect(ray, address: str | None, num_cpus: int | None, num_gpus: int | None) -> tuple[bool, str]:
     """ray.init for an embedded local instance (address None) or an existing cluster; (started_here, label)."""
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if ray.is_initialized():  # the caller's own Ray session: use it, and leave it running
         return False, "the caller's Ray session"
-    if address is None:
+    if address in (None, "local"):
         cpus = num_cpus or os.cpu_count() or 1
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+        ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False, **quiet)
         return True, f"a local Ray started by optpipe ({cpus} CPUs)"
     if address != "auto":
         _check_reachable(address)
@@ -91,7 +91,9 @@ def _describe(record: dict[str, Any]) -> str:
     where = record.get("host") or "?"
     if record.get("node"):
         where += f" node {record['node'][:8]}"
-    return "ok: " + ", ".join(parts) + f" ({record.get('seconds', 0):.1f} s on {where})"
+    waited = record.get("phases", {}).get("wait_for_bench", 0)
+    wait = f", {waited:.1f} s of it waiting to bench alone" if waited >= 1 else ""
+    return "ok: " + ", ".join(parts) + f" ({record.get('seconds', 0):.1f} s on {where}{wait})"
 
 
 def sweep(
@@ -103,21 +105,27 @@ def sweep(
     grid: list[str] | dict[str, Any] | None = None,
     *,
     num_cpus: int | None = None,
+    num_gpus: int | None = None,
     cpus_per_job: float = 1,
     bench_seconds: float = 3.0,
     bench_threads: int | None = None,
+    bench_isolation: str = "machine",
     retries: int = 2,
     progress: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Run every model x target (x grid point) as one Ray job: optimize into OUT/artifacts/<job>, then bench it.
 
-    address None starts an embedded local Ray (num_cpus, default all cores); "HOST:PORT" or "auto" joins an
-    existing cluster. Each job asks for `cpus_per_job` CPUs, and one GPU when its target's provider is CUDA or
-    TensorRT; a worker that dies is rerun up to `retries` times. OUT/results.json is rewritten as each job
-    finishes; jobs with an ok record there are reused, missing and failed ones rerun. A failed job does not
-    stop the others (see SweepResult.exit_code). Ctrl-C cancels what is left and raises SweepInterrupted (exit 130).
+    address None starts an embedded local Ray (num_cpus, default all cores; num_gpus, default what Ray detects);
+    "HOST:PORT" or "auto" joins an existing cluster. Each job asks for `cpus_per_job` CPUs, and one GPU when its
+    target's provider is CUDA or TensorRT; a worker that dies is rerun up to `retries` times. bench_isolation
+    "machine" gives each bench the machine to itself among the sweep's jobs (compiles there wait); "bench" only
+    keeps benches from overlapping. OUT/results.json is rewritten as each job finishes; jobs with an ok record
+    there are reused, missing and failed ones rerun. A failed job does not stop the others (see
+    SweepResult.exit_code). Ctrl-C cancels what is left and raises SweepInterrupted (exit 130).
     """
     say = progress or log.info
+    if bench_isolation not in MODES:
+        raise InvalidOptionError(f"bench isolation {bench_isolation!r}: choose one of {', '.join(MODES)}")
     jobs = plan_jobs(list(models), list(targets), tuple(overrides), grid)
     ray = require_ray()
     out = Path(out).expanduser().resolve()
@@ -135,14 +143,14 @@ def sweep(
 
     meta: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ray": ray.__version__,
                             "address": address or "local", "jobs": [j.name for j in jobs],
-                            "bench_isolation": ISOLATION["exclusive-per-machine"], "bench_seconds": bench_seconds}
+                            "bench_isolation": ISOLATION[MODES[bench_isolation]], "bench_seconds": bench_seconds}
     _write(out, records, meta)
     if not todo:
         say(f"sweep: all {len(jobs)} jobs already done in {out} (reused)")
         return SweepResult(out, tuple(mine[j.name] for j in jobs))
 
     auth_mode = os.environ.get("RAY_AUTH_MODE")  # ray.init sets it for an embedded cluster; put it back after
-    started_here, where = _connect(ray, address, num_cpus)
+    started_here, where = _connect(ray, address, num_cpus, num_gpus)
     try:
         resources = ray.cluster_resources()
         meta["cluster"] = {"where": where, "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
@@ -152,15 +160,15 @@ def sweep(
             f"-> {out}")
         pending: dict = {}
         try:
-            _submit(ray, pending, todo, out, resources, records, mine, meta, cpus_per_job, bench_seconds,
-                    bench_threads, retries, say)
+            _submit(ray, pending, todo, out, resources, records, mine, meta, cpus_per_job,
+                    (bench_seconds, bench_threads, bench_isolation), retries, say)
             _gather(ray, pending, out, records, mine, meta, retries, say)
         except KeyboardInterrupt:
             _cancel(ray, pending)
             meta["interrupted"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             _write(out, records, meta)
-            raise SweepInterrupted(f"interrupted: {len(mine)} of {len(jobs)} jobs have records in {out / 'results.json'}; "
-                              f"run the same command again to finish the rest") from None
+            raise SweepInterrupted(f"interrupted: {len(mine)} of {len(jobs)} jobs have records in "
+                                   f"{out / 'results.json'}; run the same command again to finish the rest") from None
     finally:
         if started_here:
             ray.shutdown()
@@ -172,7 +180,7 @@ def sweep(
 
 
 def _submit(ray, pending: dict, todo: list[SweepJob], out: Path, resources: dict[str, float], records, mine, meta,
-            cpus_per_job: float, bench_seconds: float, bench_threads: int | None, retries: int, say) -> None:
+            cpus_per_job: float, bench: tuple, retries: int, say) -> None:
     """Submit each job as a Ray task into `pending` (ref -> job); a GPU job on a cluster without GPUs fails here."""
     remote = ray.remote(run_job)
     for job in todo:
@@ -183,7 +191,7 @@ def _submit(ray, pending: dict, todo: list[SweepJob], out: Path, resources: dict
             continue
         ref = remote.options(num_cpus=cpus_per_job, num_gpus=1 if job.needs_gpu else 0, max_retries=retries,
                              retry_exceptions=False, name=f"optpipe:{job.name}").remote(
-            job, str(out / "artifacts"), bench_seconds, bench_threads)
+            job, str(out / "artifacts"), *bench)
         pending[ref] = job
 
 
