@@ -139,11 +139,17 @@ def fidelity(source: Path, paths: dict[str, Path]) -> list[str]:
 
 
 def _rss_mb() -> float:
-    import gc
-
-    gc.collect()
     status = Path("/proc/self/status").read_text()
-    return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmRSS"))) / 1024
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
+
+
+def _session_rss_mb(path: Path) -> float:
+    """In a fresh interpreter: freed memory of earlier sessions in this one would hide a session's own."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import decoder_graph_speed as b; from pathlib import Path; "
+            "before = b._rss_mb(); s = b.session(Path(sys.argv[2])); print(b._rss_mb() - before)")
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(path)], capture_output=True,
+                          text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def cpu_facts() -> list[str]:
@@ -182,15 +188,12 @@ def main() -> None:
     lines += fidelity(source, paths)
 
     ids = AutoTokenizer.from_pretrained(source)(PROMPT, return_tensors="np").input_ids.astype(np.int64)
-    sessions, rss = {}, {}
-    for name, path in paths.items():
-        before = _rss_mb()
-        sessions[name] = session(path)
-        rss[name] = _rss_mb() - before
-    lines.append("resident memory added by each session (VmRSS delta at creation): "
-                 + ", ".join(f"{n} {v:.0f} MB" for n, v in rss.items()))
+    lines.append("resident memory of a session (VmRSS delta at creation, fresh process each): "
+                 + ", ".join(f"{n} {_session_rss_mb(p):.0f} MB" for n, p in paths.items()))
+    sessions = {name: session(path) for name, path in paths.items()}
     for name, sess in sessions.items():  # warm-up: first runs allocate and prepack
         generate(sess, config, ids, 4)
+    load_before = os.getloadavg()[0]
     decode: dict[str, list[float]] = {name: [] for name in sessions}
     cpu: dict[str, list[float]] = {name: [] for name in sessions}
     prefill: dict[str, list[float]] = {name: [] for name in sessions}
@@ -225,6 +228,10 @@ def main() -> None:
     ratio("tied lm_head gemm / transpose", "ours-gemm", "ours-transpose")
     same = all(tokens[n] == tokens["optimum"] for n in tokens)
     lines.append(f"greedy tokens identical across arms: {same}; ours: {tokens['ours-gemm'][:16]}...")
+    lines.append("load average (1 min) before / after the timed rounds: "
+                 f"{load_before:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; wall-clock figures are only "
+                 "meaningful when both are below ~1.5, CPU time survives contention better (not entirely: memory "
+                 "bandwidth and caches are shared)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
