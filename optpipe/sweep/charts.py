@@ -50,11 +50,13 @@ def _pareto_panel(ax, model: str, metric: str, points: list[Point], note: str) -
     if len(front) > 1:
         ax.plot([p.latency_ms for p in front], [p.fidelity for p in front], "-", color="#d62728", lw=1.2,
                 alpha=0.7, zorder=1)
-    for p in points:
+    for i, p in enumerate(sorted(points, key=lambda p: p.latency_ms)):
         style = ({"marker": "D", "color": "#d62728", "markersize": 8} if p.on_front
                  else {"marker": "o", "color": "#7f7f7f", "markersize": 6})
         ax.plot([p.latency_ms], [p.fidelity], linestyle="none", zorder=2, gid=f"point-{p.job}", **style)
-        ax.annotate(p.label, (p.latency_ms, p.fidelity), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        # labels alternate above and below, so neighbours with equal fidelity do not print over each other
+        ax.annotate(p.label, (p.latency_ms, p.fidelity), textcoords="offset points",
+                    xytext=(5, 5 if i % 2 == 0 else -11), fontsize=7)
     ax.set_title(model + (f"\n{note}" if note else ""), fontsize=9)
     ax.set_xlabel("p50 latency (ms)", fontsize=8)
     ax.set_ylabel(metric, fontsize=8)
@@ -83,7 +85,6 @@ def _size_panel(ax, rows: list[dict[str, Any]]) -> None:
 
 
 def _passes_panel(ax, rows: list[dict[str, Any]]) -> None:
-    names = [r["job"] for r in rows]
     pass_names = list(dict.fromkeys(s["name"] for r in rows for s in r.get("passes", [])))
     colors = {name: f"C{i % 10}" for i, name in enumerate(pass_names)}
     left = [0.0] * len(rows)
@@ -91,9 +92,8 @@ def _passes_panel(ax, rows: list[dict[str, Any]]) -> None:
         widths = [sum(s.get("seconds") or 0 for s in r.get("passes", []) if s["name"] == name) for r in rows]
         ax.barh(range(len(rows)), widths, left=left, color=colors[name], label=name, height=0.6)
         left = [a + b for a, b in zip(left, widths)]
-    ax.set_yticks(range(len(rows)), names, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds (a cached pass shows the seconds it took when it ran)", fontsize=8)
+    ax.tick_params(axis="y", labelleft=False)  # the size panel beside it names the jobs
+    ax.set_xlabel("seconds (a cached pass: those of its first run)", fontsize=8)
     ax.set_title("seconds per pass", fontsize=9)
     ax.tick_params(labelsize=7)
     if pass_names:
@@ -112,8 +112,9 @@ def draw(panels: list[tuple[str, str, list[Point], str]], rows: list[dict[str, A
         r, c = divmod(i, cols)
         _pareto_panel(fig.add_subplot(grid[r, 2 * c: 2 * c + 2]), model, metric, points, note)
     if rows:
-        _size_panel(fig.add_subplot(grid[pareto_rows, :cols]), rows)
-        _passes_panel(fig.add_subplot(grid[pareto_rows, cols:]), rows)
+        size_ax = fig.add_subplot(grid[pareto_rows, :cols])
+        _size_panel(size_ax, rows)
+        _passes_panel(fig.add_subplot(grid[pareto_rows, cols:], sharey=size_ax), rows)
     else:
         ax = fig.add_subplot(grid[pareto_rows, :])
         ax.axis("off")

@@ -115,10 +115,11 @@ def _jobs_table(records: list[dict[str, Any]], on_front: set[str], metric_of: di
                      *(_num(b.get(k)) for k in LATENCY), _num(b.get("sequences_per_s"), 1),
                      f"{metric} {v[metric]:.4f}" if metric and metric in v else "",
                      _num((r.get("size") or {}).get("onnx_bytes", 0) / 1e6, 2) if r.get("size") else "",
+                     _num((r.get("bench_isolation") or {}).get("load_1m_at_start"), 1),
                      _num(r.get("seconds"), 1), (r.get("host") or "") + (f" {r['node'][:8]}" if r.get("node") else ""),
                      "yes" if r.get("reused") else "", "yes" if r["job"] in on_front else ""])
     return _table(["job", "model", "target", "grid", "status", *LATENCY, "seq/s", "fidelity", "ONNX MB",
-                   "job s", "host / node", "reused", "Pareto"], rows, "jobs")
+                   "load at bench", "job s", "host / node", "reused", "Pareto"], rows, "jobs")
 
 
 def _validation_table(records: list[dict[str, Any]]) -> str:
