@@ -79,7 +79,7 @@ def _probe_model() -> bytes:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    return onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString()
+    return model.SerializeToString()
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,7 +135,7 @@ def provider_works(provider: str) -> bool:
 
 
 def require_provider(provider: str) -> None:
-    """Raise ProviderUnavailableError (exit code 2) with a one-line install hint when `provider` cannot start."""
+    """Raise ProviderUnavailableError (exit code 4) with a one-line install hint when `provider` cannot start."""
     problem = provider_problem(provider)
     if problem:
         raise ProviderUnavailableError(problem)

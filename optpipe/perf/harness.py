@@ -8,6 +8,7 @@ and the ratio of paired times within a round cancels it; the ratio comes with a 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import numpy as np
 
 from optpipe.artifact import Artifact
 from optpipe.errors import InvalidOptionError
+from optpipe.passbase import track
 from optpipe.perf.inputs import Workload, workloads
 from optpipe.perf.stats import RatioEstimate, paired_ratio
 from optpipe.session import require_provider, target_session
@@ -82,18 +84,15 @@ class Measured:
 
 
 def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-    except (OSError, ValueError):  # not Linux: ru_maxrss is a peak, still better than nothing
-        import resource
+    """This process's resident memory now (psutil: the same figure on Linux, macOS and Windows)."""
+    import psutil
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    return psutil.Process().memory_info().rss / 1e6
 
 
 def open_artifact(path: str | Path, threads: int | None = None) -> Measured:
     """Load an artifact (ArtifactError when it is not one) and open its sessions with its target's provider
-    settings and spinning off; ProviderUnavailableError (exit 2) when that provider cannot run here."""
+    settings and spinning off; ProviderUnavailableError (exit 4) when that provider cannot run here."""
     artifact = Artifact.load(path)
     target = artifact.target
     require_provider(target.provider)
@@ -127,20 +126,31 @@ def grid_workloads(models: list[Measured], batch: int, seq: int) -> list[list[Wo
     return out
 
 
+def _rounds(runs: int | None, seconds: float):
+    """Round numbers: exactly `runs`, or at least MIN_ROUNDS and until `seconds` have passed."""
+    if runs:
+        yield from range(runs)
+        return
+    deadline = time.perf_counter() + seconds
+    rounds = 0
+    while rounds < MIN_ROUNDS or time.perf_counter() < deadline:
+        yield rounds
+        rounds += 1
+
+
 def interleave(models: list[Measured], work: list[Workload | None], warmup: int, runs: int | None,
-                seconds: float, rng: np.random.Generator) -> list[np.ndarray]:
-    """Per model, the time of each round; every round runs each model once in a shuffled order."""
+               seconds: float, rng: np.random.Generator, progress: Callable[[Any], None] | None = None,
+               label: str = "rounds") -> list[np.ndarray]:
+    """Per model, the time of each round; every round runs each model once in a shuffled order. `progress`
+    gets Ticks per round (passbase.track)."""
     active = [i for i, w in enumerate(work) if w is not None]
     for _ in range(warmup):
         for i in active:
             models[i].run(work[i])
     times: list[list[float]] = [[] for _ in models]
-    deadline = time.perf_counter() + seconds
-    rounds = 0
-    while (rounds < runs) if runs else (rounds < MIN_ROUNDS or time.perf_counter() < deadline):
+    for _ in track(_rounds(runs, seconds), label, progress, total=runs, unit="round"):
         for i in rng.permutation(active):
             times[i].append(models[i].run(work[i]))
-        rounds += 1
     return [np.asarray(t) for t in times]
 
 
@@ -175,7 +185,8 @@ def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tup
                 work = [next((w for w in ws if w.name == name), None) for ws in per_model]
                 if progress:
                     progress(f"timing {name} bs {batch} seq {seq} ({runs or f'{seconds:g}s'}) ...")
-                series = interleave(models, work, warmup, runs, seconds, rng)
+                series = interleave(models, work, warmup, runs, seconds, rng, progress,
+                                    f"{name} bs {batch} seq {seq}")
                 ref = series[0] if work[0] is not None else None
                 for i, (model, w) in enumerate(zip(models, work)):
                     if w is None:
@@ -188,7 +199,7 @@ def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tup
 
 
 def interleaved_ratios(model_paths: list[Path], *, batch: int = 1, seq: int = 128, threads: int | None = None,
-                       seconds: float = 10.0) -> list[RatioEstimate]:
+                       seconds: float = 10.0, progress: Callable[[Any], None] | None = None) -> list[RatioEstimate]:
     """Latency of each model relative to the first (ratio 1.0), interleaved for about `seconds`, with a 95%
     interval. Paths may be artifact directories (their target's provider settings) or bare .onnx files."""
     models = [open_model(p, threads) for p in model_paths]
@@ -196,8 +207,26 @@ def interleaved_ratios(model_paths: list[Path], *, batch: int = 1, seq: int = 12
     # Decoders have prefill and decode; the ratio is taken on the first workload (prefill / forward).
     name = per_model[0][0].name
     work = [next((w for w in ws if w.name == name), ws[0]) for ws in per_model]
-    series = interleave(models, work, WARMUP, None, seconds, np.random.default_rng(0))
+    series = interleave(models, work, WARMUP, None, seconds, np.random.default_rng(0), progress,
+                        "interleaved rounds")
     return [paired_ratio(series[0], s) for s in series]
+
+
+# CPU features that change ONNX Runtime's integer kernels (and so INT8 numerics and speed), as py-cpuinfo names them.
+INTEGER_KERNEL_FLAGS = frozenset({"avx2", "avx512f", "avx512bw", "avx512vnni", "avx512_vnni", "avxvnni", "avx_vnni",
+                                  "amx_int8", "amx_tile", "asimddp", "i8mm", "sve"})
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_info() -> dict[str, Any]:
+    """py-cpuinfo's facts (brand, flags); it takes about a second, so once per process."""
+    import cpuinfo
+
+    try:
+        return cpuinfo.get_cpu_info()
+    except Exception as exc:  # an unknown platform: fall back to platform.processor()
+        log.debug("py-cpuinfo failed: %s", exc)
+        return {}
 
 
 def machine_facts(threads: int | None = None) -> dict[str, Any]:
@@ -206,21 +235,16 @@ def machine_facts(threads: int | None = None) -> dict[str, Any]:
 
     import onnxruntime as ort
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    info = _cpu_info()
+    cpu = info.get("brand_raw") or platform.processor() or platform.machine()
+    flags = sorted(INTEGER_KERNEL_FLAGS & set(info.get("flags", ())))
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 0
     from optpipe.pipeline import package_versions
 
-    return {"cpu": cpu, "cores": cores, "threads": threads, "machine": platform.machine(),
+    return {"cpu": cpu, "cpu_flags": flags, "cores": cores, "threads": threads, "machine": platform.machine(),
             "system": platform.system(), "python": platform.python_version(), "onnxruntime": ort.__version__,
             "numpy": np.__version__, "versions": package_versions()}
 
@@ -230,10 +254,11 @@ def bench_json(result: BenchResult) -> str:
 
 
 def compare(a: str | Path, b: str | Path, *, batch: int = 1, seq: int = 128, threads: int | None = None,
-            seconds: float = 10.0) -> RatioEstimate:
+            seconds: float = 10.0, progress: Callable[[Any], None] | None = None) -> RatioEstimate:
     """Latency of B / latency of A, interleaved, with a 95% interval (`.verdict()` says faster/slower/no
-    difference detected)."""
-    return interleaved_ratios([Path(a), Path(b)], batch=batch, seq=seq, threads=threads, seconds=seconds)[1]
+    difference detected). `progress` gets a Tick per round."""
+    return interleaved_ratios([Path(a), Path(b)], batch=batch, seq=seq, threads=threads, seconds=seconds,
+                              progress=progress)[1]
 
 
 def bench_staged(directory: Path, components: list[str] | tuple[str, ...], target, *, threads: int | None = None,
