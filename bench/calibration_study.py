@@ -48,7 +48,7 @@ def run_check(candidate: Path, baseline: Path, args) -> dict:
                            "--tolerance", args.tolerance, "--seconds", str(args.seconds), "--json", str(out)],
                           capture_output=True, text=True)
     wall = time.perf_counter() - started
-    if proc.returncode not in (0, 1):
+    if proc.returncode not in (0, 3):  # 3: regression found
         raise SystemExit(f"check failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     result = json.loads(out.read_text())
     return {"exit_code": proc.returncode, "wall_s": round(wall, 2), "ratio": result["ratio"]}

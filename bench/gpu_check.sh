@@ -112,9 +112,9 @@ done
 
 if [[ ${#built[@]} -gt 0 ]]; then
     if [[ $DRY == 1 ]]; then
-        say "GPU timing path: must refuse in one line with exit 2 (no GPU provider here)"
+        say "GPU timing path: must refuse in one line with exit 4 (no GPU provider here)"
         "$PY" bench/gpu_latency.py "${built[@]}" --iters 1 --warmup 0
-        rc=$?; [[ $rc == 2 ]] || { say "expected exit 2, got $rc"; status=1; }
+        rc=$?; [[ $rc == 4 ]] || { say "expected exit 4, got $rc"; status=1; }
         say "timing on CPU (exercises the harness; these are NOT GPU figures)"
         "$PY" bench/gpu_latency.py "${built[@]}" --cpu --batch-sizes 1,8,32 --seq 128 --iters 5 --warmup 1 \
             --json "$PREFIX.json" --markdown "$PREFIX.md" || status=1

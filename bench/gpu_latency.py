@@ -1,7 +1,7 @@
 """End-to-end latency of published artifacts on their target's provider (host arrays in and out, as a caller sees it).
 
 Used by bench/gpu_check.sh until `optpipe bench` covers GPU providers. Sessions come from optpipe.session, so
-TensorRT engine/timing caches and shape profiles are the target's own. A missing provider is one line and exit 2.
+TensorRT engine/timing caches and shape profiles are the target's own. A missing provider is one line and exit 4.
 
     python bench/gpu_latency.py out/*-cuda-fp16 --batch-sizes 1,8,32 --seq 128 --json results.json
 """

@@ -1,4 +1,8 @@
-"""Errors a user can act on. The CLI prints their message on one line and exits with `exit_code`."""
+"""Errors a user can act on. The CLI prints their message on one line and exits with `exit_code`.
+
+Exit codes (the table in optpipe/cli/main.py and the README): 1 bad input, 2 usage error (argparse's), 3 a check
+failed (validation, tuning budget, latency regression), 4 missing runtime or execution provider, 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +50,9 @@ class ValidationFailedError(OptpipeError):
 
 
 class ProviderUnavailableError(OptpipeError):
-    exit_code = 2
+    """No ONNX Runtime, or the target's execution provider does not start here: what to install (exit 4)."""
+
+    exit_code = 4
 
 
 class CalibrationDataError(OptpipeError):
@@ -68,6 +74,4 @@ class ArtifactError(OptpipeError):
 
 
 class BaselineError(OptpipeError):
-    """`optpipe check` could not judge: no or unreadable baseline, or a different machine class (exit 2)."""
-
-    exit_code = 2
+    """`optpipe check` could not judge: no or unreadable baseline, or a different machine class (bad input: 1)."""

@@ -178,7 +178,7 @@ def test_missing_provider_is_one_line_with_the_install_command():
         with pytest.raises(ProviderUnavailableError) as err:
             require_provider(provider)
         message = str(err.value)
-        assert err.value.exit_code == 2 and "\n" not in message
+        assert err.value.exit_code == 4 and "\n" not in message
         assert message.startswith(f"{provider} is not available") and "pip install" in message
         assert "onnxruntime-gpu" in message
     assert "tensorrt-cu" in str(pytest.raises(ProviderUnavailableError, require_provider,
@@ -234,11 +234,11 @@ def test_bundled_minilm_cuda_fp16(tmp_path_factory):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA works here: nothing is missing")
-def test_timing_a_gpu_artifact_without_its_provider_is_one_line_exit_2(cuda_fp16, trt_fp16):
+def test_timing_a_gpu_artifact_without_its_provider_is_one_line_exit_4(cuda_fp16, trt_fp16):
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_latency.py"
     result = subprocess.run([sys.executable, str(script), str(cuda_fp16.path), "--iters", "1", "--warmup", "0"],
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 4 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "CUDAExecutionProvider is not available" in lines[0] and "pip install" in lines[0]
     # with --cpu the same code path measures on CPU (the dry run of bench/gpu_check.sh)
@@ -249,20 +249,20 @@ def test_timing_a_gpu_artifact_without_its_provider_is_one_line_exit_2(cuda_fp16
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA works here: nothing is missing")
-def test_harness_bench_refuses_gpu_artifacts_with_exit_2(cuda_fp16, trt_fp16):
+def test_harness_bench_refuses_gpu_artifacts_with_exit_4(cuda_fp16, trt_fp16):
     from optpipe.perf.harness import bench
 
     for artifact, provider in ((cuda_fp16, "CUDAExecutionProvider"), (trt_fp16, "TensorrtExecutionProvider")):
         with pytest.raises(ProviderUnavailableError) as err:
             bench([artifact.path], batches=[1], seqs=[16], runs=2)
-        assert err.value.exit_code == 2 and str(err.value).startswith(f"{provider} is not available")
+        assert err.value.exit_code == 4 and str(err.value).startswith(f"{provider} is not available")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA works here: nothing is missing")
-def test_cli_bench_on_a_gpu_artifact_is_one_line_exit_2(cuda_fp16, trt_fp16):
+def test_cli_bench_on_a_gpu_artifact_is_one_line_exit_4(cuda_fp16, trt_fp16):
     for artifact, provider in ((cuda_fp16, "CUDAExecutionProvider"), (trt_fp16, "TensorrtExecutionProvider")):
         result = subprocess.run([sys.executable, "-m", "optpipe", "bench", str(artifact.path), "--runs", "2"],
                                 capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.returncode == 4 and "Traceback" not in result.stderr
         errors = [line for line in result.stderr.splitlines() if line.startswith("optpipe: error:")]
         assert len(errors) == 1 and f"{provider} is not available" in errors[0] and "pip install" in errors[0]

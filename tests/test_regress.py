@@ -50,7 +50,7 @@ def test_same_artifact_passes_and_slower_one_fails(artifacts, baseline, tmp_path
     out_json, out_md = tmp_path / "v.json", tmp_path / "v.md"
     worse = optpipe("check", str(slow), "--baseline", str(baseline), "--tolerance", "25%", *FAST,
                     "--json", str(out_json), "--markdown", str(out_md))
-    assert worse.returncode == 1, worse.stdout + worse.stderr
+    assert worse.returncode == 3, worse.stdout + worse.stderr  # a check failed
     assert "REGRESSION" in worse.stdout and "| artifact | baseline | mode |" in worse.stdout
     verdict = json.loads(out_json.read_text())
     assert verdict["status"] == "regression" and verdict["ratio"]["low"] > 1.25 and verdict["probability"] > 0.95
@@ -71,7 +71,7 @@ def test_without_the_reference_same_machine_uses_the_recorded_figures(artifacts,
     data["reference"]["path"] = "gone"
     baseline.write_text(json.dumps(data))
     result = check(artifacts[1], baseline, tolerance=0.25, seconds=1.5)
-    assert result.mode == "recorded" and result.exit_code == 1
+    assert result.mode == "recorded" and result.exit_code == 3
     assert any("recorded figures" in note for note in result.notes)
 
 
@@ -85,18 +85,18 @@ def test_other_machine_class_cannot_judge(artifacts, baseline):
     data["reference"]["path"] = "gone"
     baseline.write_text(json.dumps(data))
     result = optpipe("check", str(artifacts[0]), "--baseline", str(baseline), *FAST)
-    assert result.returncode == 2
+    assert result.returncode == 1  # bad input: this baseline cannot judge here
     assert_one_line_error(result, "cannot judge")
 
 
-def test_missing_provider_is_exit_2_with_the_install_line(artifacts, baseline, tmp_path):
+def test_missing_provider_is_exit_4_with_the_install_line(artifacts, baseline, tmp_path):
     gpu = tmp_path / "gpu"
     shutil.copytree(artifacts[0], gpu)
     manifest = json.loads((gpu / "manifest.json").read_text())
     manifest["target"]["provider"] = "CUDAExecutionProvider"
     (gpu / "manifest.json").write_text(json.dumps(manifest))
     result = optpipe("check", str(gpu), "--baseline", str(baseline))
-    assert result.returncode == 2
+    assert result.returncode == 4
     assert_one_line_error(result, "CUDAExecutionProvider is not available")
     assert "pip install" in result.stderr
 
@@ -112,11 +112,11 @@ def test_unusable_inputs_are_one_line(artifacts, baseline, tmp_path, capsys):
         return code, err
 
     assert run("check", str(artifacts[0]), "--baseline", str(tmp_path / "none.json")) == (
-        2, f"optpipe: error: baseline {tmp_path / 'none.json'} does not exist; record one with: optpipe check "
+        1, f"optpipe: error: baseline {tmp_path / 'none.json'} does not exist; record one with: optpipe check "
            f"ARTIFACT --baseline {tmp_path / 'none.json'} --update\n")
     (tmp_path / "bad.json").write_text("{not json")
     code, err = run("check", str(artifacts[0]), "--baseline", str(tmp_path / "bad.json"))
-    assert code == 2 and "unreadable" in err
+    assert code == 1 and "unreadable" in err
     code, err = run("check", str(artifacts[0]), "--baseline", str(baseline), "--tolerance", "lots")
     assert code == 1 and "--tolerance" in err
     corrupt = tmp_path / "corrupt"

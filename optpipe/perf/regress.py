@@ -27,6 +27,8 @@ from optpipe.perf.stats import RatioEstimate, bootstrap_medians, paired_distribu
 
 FORMAT = 1
 LEVEL = 0.95
+# "a check failed" in the CLI's exit-code table, as for a failed validation (optpipe/cli/main.py)
+REGRESSION_EXIT = 3
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
           seconds: float | None = None, threads: int | None = None,
           progress: Callable[[str], None] | None = None) -> CheckResult:
     """Is `artifact` slower than the baseline by more than `tolerance`? Regression only when the whole 95%
-    interval of the latency ratio lies beyond 1 + tolerance. Raises BaselineError (exit 2) when it cannot judge."""
+    interval of the latency ratio lies beyond 1 + tolerance. Raises BaselineError (exit 1) when it cannot judge."""
     baseline = Path(baseline)
     say = progress or (lambda _: None)
     if update:
@@ -169,7 +171,7 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
     if here["onnxruntime"] != data["machine"].get("onnxruntime"):
         notes.append(f"onnxruntime {data['machine'].get('onnxruntime')} at recording, {here['onnxruntime']} now")
     reference, why_not = _reference_at_hand(data, baseline)
-    candidate = open_artifact(artifact, threads)  # ArtifactError / ProviderUnavailableError (exit 2) first
+    candidate = open_artifact(artifact, threads)  # ArtifactError (exit 1) / ProviderUnavailableError (exit 4) first
     limit = 1.0 + tolerance
     run = {"batch": batch, "seq": seq, "threads": threads, "seconds": seconds}
     if reference is not None:
@@ -198,7 +200,7 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
     cand_ms = float(np.median(cand_t) * 1e3)
     interval = f"{ratio.ratio:.3f} [{ratio.low:.3f}, {ratio.high:.3f}]"
     if ratio.low > limit:
-        status, code = "regression", 1
+        status, code = "regression", REGRESSION_EXIT
         message = (f"REGRESSION: {(ratio.ratio - 1) * 100:+.1f}% latency, ratio {interval} lies wholly above "
                    f"the {tolerance:.1%} tolerance (probability {probability:.1%} that the slowdown exceeds it)")
     elif ratio.high > limit:
