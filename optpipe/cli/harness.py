@@ -28,11 +28,10 @@ def _short(path: str) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from optpipe.cli.output import say
     from optpipe.perf.harness import bench
 
     result = bench(args.artifacts, _ints(args.batch), _ints(args.seq), threads=args.threads, warmup=args.warmup,
-                   runs=args.runs, seconds=args.seconds, progress=say)
+                   runs=args.runs, seconds=args.seconds, progress=args.progress)
     print(f"\ninterleaved, spinning off, threads {args.threads or 'ORT default'}; ratio = latency / "
           f"{_short(args.artifacts[0])}'s, 95% interval")
     print(f"{'artifact':<28} {'provider':<10} {'workload':<8} {'bs':>3} {'seq':>4} {'runs':>5} {'p50 ms':>9} "
@@ -44,14 +43,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{_ratio(r.ratio)}")
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
-        say(f"wrote {args.json}")
+        args.progress(f"wrote {args.json}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from optpipe import compare
 
-    ratio = compare(args.a, args.b, batch=args.batch, seq=args.seq, threads=args.threads, seconds=args.seconds)
+    ratio = compare(args.a, args.b, batch=args.batch, seq=args.seq, threads=args.threads, seconds=args.seconds,
+                    progress=args.progress)
     verdict = ratio.verdict()
     change = f"{abs(1 - ratio.ratio):.1%} " + ("slower" if ratio.ratio > 1 else "faster")
     print(f"{_short(args.b)} / {_short(args.a)} latency (bs {args.batch}, seq {args.seq}, threads "
@@ -65,11 +65,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from optpipe import check
-    from optpipe.cli.output import say
     from optpipe.perf.regress import markdown, parse_tolerance
 
     result = check(args.artifact, args.baseline, tolerance=parse_tolerance(args.tolerance), update=args.update,
-                   seconds=args.seconds, threads=args.threads, progress=say)
+                   seconds=args.seconds, threads=args.threads, progress=args.progress)
     if result.status != "updated":
         print(markdown(result, args.artifact, args.baseline).replace("### ", "").rstrip())
     else:
@@ -104,7 +103,7 @@ def add_harness_parsers(sub) -> None:
     compare.add_argument("--threads", type=int)
     compare.add_argument("--seconds", type=float, default=10.0, help="length of the interleaved run (default 10)")
 
-    check = sub.add_parser("check", help="CI gate: exit 1 on a latency regression beyond the tolerance")
+    check = sub.add_parser("check", help="CI gate: exit 3 on a latency regression beyond the tolerance")
     check.set_defaults(handler=cmd_check)
     check.add_argument("artifact", metavar="ARTIFACT")
     check.add_argument("--baseline", required=True, metavar="FILE", help="baseline JSON (written by --update)")

@@ -6,12 +6,15 @@ import argparse
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from optpipe.cli.output import print_summary, say
+    from optpipe.cli.output import print_summary
     from optpipe.tune.search import format_table, tune
 
     result = tune(args.model, max_loss=args.max_loss, output=args.output, eval_file=args.eval, task=args.task,
                   calibration=args.calibration, seconds=args.seconds, threads=args.threads, score_all=not args.quick,
-                  overwrite=args.overwrite, use_cache=not args.no_cache, progress=say)
+                  overwrite=args.overwrite, use_cache=not args.no_cache, progress=args.progress)
+    if args.quiet:
+        print(result.artifact.path)
+        return 0
     print(f"\ncandidates (loss budget {result.max_loss}; latency relative to fp32, 95% interval; "
           f"loss: {result.artifact.manifest['tuning']['loss']})")
     for line in format_table(result.candidates):
