@@ -179,7 +179,8 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
         ref_model = open_artifact(reference, threads)
         works = grid_workloads([ref_model, candidate], batch, seq)
         work = [works[0][0], next((w for w in works[1] if w.name == works[0][0].name), works[1][0])]
-        ref_t, cand_t = interleave([ref_model, candidate], work, 5, None, seconds, np.random.default_rng(0))
+        ref_t, cand_t = interleave([ref_model, candidate], work, 5, None, seconds, np.random.default_rng(0),
+                                   progress, "interleaved rounds")
         estimate, samples = paired_distribution(ref_t, cand_t)
         mode, ref_ms = "interleaved", float(np.median(ref_t) * 1e3)
     else:
