@@ -121,7 +121,8 @@ def sweep(
     "machine" gives each bench the machine to itself among the sweep's jobs (compiles there wait); "bench" only
     keeps benches from overlapping. OUT/results.json is rewritten as each job finishes; jobs with an ok record
     there are reused, missing and failed ones rerun. A failed job does not stop the others (see
-    SweepResult.exit_code). Ctrl-C cancels what is left and raises SweepInterrupted (exit 130).
+    SweepResult.exit_code). Ctrl-C cancels what is left and raises SweepInterrupted (exit 130). When the caller
+    has already called ray.init, the sweep runs in that session (address is then ignored) and leaves it open.
     """
     say = progress or log.info
     if bench_isolation not in MODES:
@@ -150,8 +151,9 @@ def sweep(
         return SweepResult(out, tuple(mine[j.name] for j in jobs))
 
     auth_mode = os.environ.get("RAY_AUTH_MODE")  # ray.init sets it for an embedded cluster; put it back after
-    started_here, where = _connect(ray, address, num_cpus, num_gpus)
+    started_here = False
     try:
+        started_here, where = _connect(ray, address, num_cpus, num_gpus)
         resources = ray.cluster_resources()
         meta["cluster"] = {"where": where, "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
                            "CPU": resources.get("CPU", 0), "GPU": resources.get("GPU", 0)}
@@ -172,10 +174,10 @@ def sweep(
     finally:
         if started_here:
             ray.shutdown()
-            if auth_mode is None:
-                os.environ.pop("RAY_AUTH_MODE", None)
-            else:
-                os.environ["RAY_AUTH_MODE"] = auth_mode
+        if auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth_mode
     return SweepResult(out, tuple(mine[j.name] for j in jobs))
 
 
