@@ -88,6 +88,3 @@ def add_sweep_parsers(sub) -> None:
                                                                   "artifact directories")
     report.add_argument("--output", "-o", default="report.html", help="the HTML page; the PNG goes beside it "
                                                                       "(default report.html)")
-
-
-add_sweep_parser = add_sweep_parsers  # the name optpipe.cli.main looks for
