@@ -121,6 +121,7 @@ def _download(model_id: str, revision: str | None) -> Path:
                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
     at = f" at revision {revision!r}" if revision else ""
+    not_cached = f"model {model_id!r}{at} is not in the local cache ({constants.HF_HUB_CACHE})"
     try:
         return Path(snapshot_download(model_id, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS))
     except HFValidationError as exc:
@@ -136,12 +137,10 @@ def _download(model_id: str, revision: str | None) -> Path:
                                  "check the branch, tag or commit") from exc
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:  # before HfHubHTTPError, a base of the first
         if constants.HF_HUB_OFFLINE:
-            raise ModelNotFoundError(f"model {model_id!r}{at} is not in the local Hugging Face cache and "
-                                     "HF_HUB_OFFLINE is set: run once with network access (HF_HUB_OFFLINE unset) "
-                                     "to download it") from exc
-        raise ModelNotFoundError(f"model {model_id!r}{at} is not in the local Hugging Face cache and the Hub could "
-                                 "not be reached: run once with network access to download it, or set "
-                                 "HF_HUB_OFFLINE=1 to use a cached copy") from exc
+            raise ModelNotFoundError(f"{not_cached} and HF_HUB_OFFLINE is set: run once with network access "
+                                     "(HF_HUB_OFFLINE unset) to download it") from exc
+        raise ModelNotFoundError(f"{not_cached} and the Hub could not be reached: run once with network access to "
+                                 "download it, or set HF_HUB_OFFLINE=1 to use a cached copy") from exc
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "an error"
         what = "refused the credentials: check HF_TOKEN or log in again (hf auth login)" if status == 401 else \
@@ -156,9 +155,9 @@ def _download(model_id: str, revision: str | None) -> Path:
             return Path(snapshot_download(model_id, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS,
                                           local_files_only=True))
         except LocalEntryNotFoundError:
-            raise ModelNotFoundError(f"model {model_id!r}{at} is not in the local Hugging Face cache and the Hub "
-                                     f"could not be reached ({_first_line(exc)}): run once with network access, or "
-                                     "set HF_HUB_OFFLINE=1 to use a cached copy") from exc
+            raise ModelNotFoundError(f"{not_cached} and the Hub could not be reached ({_first_line(exc)}): run "
+                                     "once with network access, or set HF_HUB_OFFLINE=1 to use a cached "
+                                     "copy") from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -53,9 +53,9 @@ def fake_download(monkeypatch, outcome):
     (hub_error(404, "RevisionNotFound"), ["revision 'v9' of 'org/tiny' was not found", "branch, tag or commit"]),
     (LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder for the specified revision on the "
                              "local disk and outgoing traffic has been disabled."),
-     ["not in the local Hugging Face cache", "network access", "HF_HUB_OFFLINE=1"]),
+     ["not in the local cache", "network access", "HF_HUB_OFFLINE=1"]),
     (OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled."),
-     ["not in the local Hugging Face cache", "HF_HUB_OFFLINE"]),
+     ["not in the local cache", "HF_HUB_OFFLINE"]),
     (hub_error(503, None), ["the Hugging Face Hub answered 503", "try again later"]),
     (hub_error(401, None, url="https://huggingface.co/api/whoami"), ["answered 401", "check HF_TOKEN"]),
 ])
@@ -66,6 +66,7 @@ def test_hub_errors_are_one_line_and_exit_1(error, fragments, monkeypatch, capsy
     if code:
         assert type(error) is expected[code]  # the library's own type, not a look-alike
     calls = fake_download(monkeypatch, error)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # online, but the Hub did not answer
     exit_code = main(["run", "org/tiny", "--revision", "v9", "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exit_code == 1
@@ -74,6 +75,16 @@ def test_hub_errors_are_one_line_and_exit_1(error, fragments, monkeypatch, capsy
     assert all(fragment in errors[0] for fragment in fragments), errors[0]
     assert calls[0]["repo_id"] == "org/tiny" and calls[0]["revision"] == "v9"
     assert not (tmp_path / "out").exists()
+
+
+def test_offline_mode_without_a_cached_copy(monkeypatch, capsys):
+    fake_download(monkeypatch, LocalEntryNotFoundError("Cannot find the requested files in the disk cache and "
+                                                       "outgoing traffic has been disabled."))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["run", "org/tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("optpipe: error: model 'org/tiny' is not in the local cache (") and err.count("\n") == 1
+    assert "HF_HUB_OFFLINE is set: run once with network access" in err
 
 
 def test_a_network_error_falls_back_to_the_cache_then_says_what_to_do(monkeypatch, capsys):
