@@ -200,7 +200,6 @@ def build_decoder(model_dir: Path, out_path: Path, *, weights: WeightSource | No
     normed = g.op("Gather", [flat, gather_out], "/model/pad_rotation/hidden", axis=0)
     logits, head_kind = _lm_head(g, normed, tied, tied_head, config.hidden_size, batch, seq)
     g.nodes[-1].output[0] = "logits"
-
     kv_shape = LayerShape(config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim,
                           0.0, -1)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
@@ -217,7 +216,6 @@ def build_decoder(model_dir: Path, out_path: Path, *, weights: WeightSource | No
     model.ir_version = 8
     say(f"  writing {out_path.name}")
     _save(model, out_path)
-
     notes = ["no position_ids input: GroupQueryAttention takes positions from attention_mask (ORTModelForCausalLM "
              "logs a 'legacy ONNX model' warning for this; generation is unaffected)"]
     if tied and head_kind != "untied":
