@@ -83,8 +83,8 @@ def store(entry: Path, files_dir: Path, kind: str, components: tuple[str, ...], 
             staging.rename(entry)
             staging = None
         except OSError:
-            pass  # another run stored this key first: use its entry
-        return load(entry)
+            return load(entry)  # another run stored this key first: use its entry (verified)
+        return CachedOutput(entry / "files", kind, tuple(components), report, seconds)  # just hashed: no re-read
     except OSError as exc:
         log.warning("optpipe: could not write the pass cache (%s); continuing without it", exc)
         if staging is not None and (staging / "files").is_dir() and not files_dir.exists():

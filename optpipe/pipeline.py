@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from optpipe import cache
+from optpipe.artifact import sha256_file
 from optpipe.errors import InvalidOptionError, OptpipeError, PassFailedError, PipelineOrderError
 from optpipe.passbase import ModelFiles, Pass, PassContext, PassResult, Progress
 from optpipe.targets.recipe import PassSpec
@@ -156,13 +157,14 @@ class Pipeline:
     ) -> PipelineResult:
         files = ModelFiles(source.path, "hf")
         key = source.content_hash
-        calibration_hash = _file_hash(calibration) if calibration is not None else None
+        calibration_hash = sha256_file(calibration) if calibration is not None else None
         versions = package_versions()
         records = []
+        size = files.size_bytes()
         for index, (pass_cls, config) in enumerate(self.steps, start=1):
             key = self.step_key(key, pass_cls, config, target.name, versions, calibration_hash)
             label = f"[{index}/{len(self.steps)}] {pass_cls.name}"
-            bytes_in = files.size_bytes()
+            bytes_in = size  # the previous pass's output
             entry = cache.entry_path(pass_cls.name, key)
             hit = cache.load(entry) if use_cache else None
             if hit is not None:
@@ -183,8 +185,9 @@ class Pipeline:
                                             result.report)
                 progress(f"{label}: done in {seconds:.1f}s")
             files = result.files
+            size = files.size_bytes()
             records.append(StepRecord(pass_cls.name, config_json(config), result.report.to_json(), round(seconds, 3),
-                                      hit is not None, bytes_in, files.size_bytes()))
+                                      hit is not None, bytes_in, size))
         return PipelineResult(files, tuple(records))
 
     @staticmethod
@@ -207,7 +210,3 @@ class Pipeline:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else ""
-
-
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

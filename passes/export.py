@@ -140,8 +140,6 @@ def _fused_decoder(files: ModelFiles, config: ExportConfig, ctx: PassContext) ->
     built = build_decoder(files.path, ctx.out_dir / "model.onnx", weights=weights,
                           accuracy_level=config.accuracy_level, progress=ctx.progress)
     copy_aux_files(files.path, ctx.out_dir, skip=_HF_WEIGHTS)
-    for name in (n for n in _HF_WEIGHTS if (ctx.out_dir / n).exists()):
-        (ctx.out_dir / name).unlink()
     write_genai_config(files.path, ctx.out_dir)
     report = ExportReport(task="text-generation-with-past", components=("model.onnx",), opset="optpipe decoder builder",
                           validated_by_optimum=False, atol=config.atol, exporter="optpipe decoder builder",

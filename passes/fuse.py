@@ -106,8 +106,8 @@ class FusePass(OnnxPass):
         before = op_counts(onnx.load(str(src), load_external_data=False))
         already = {op: n for op, n in before.items() if op in PREFUSED_OPS}
         if already:  # written fused by optpipe's decoder builder: ORT's optimizer has nothing to add
-            for item in src.parent.glob(src.name + "*"):
-                if item.name == src.name or item.name.startswith(src.name + ".") or item.name.endswith("data"):
+            for item in (src, src.with_name(src.name + ".data")):  # the model and its external data, if any
+                if item.is_file():
                     shutil.copy2(item, dst.parent / item.name)
             return FusedComponent(fused=already, nodes_before=sum(before.values()), nodes_after=sum(before.values()),
                                   skipped="already fused at export (" + ", ".join(f"{k} {v}" for k, v in

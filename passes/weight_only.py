@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from optpipe.errors import InvalidOptionError
-from optpipe.passbase import OnnxPass, PassContext, Report, needs_external_data
+from optpipe.passbase import OnnxPass, PassContext, Report, save_onnx
 
 log = logging.getLogger("optpipe.weight_only")
 
@@ -126,10 +126,7 @@ class WeightOnlyPass(OnnxPass):
             if nodes:
                 model = _quantize(model, nodes, bits, config)
                 quantized[str(bits)] = quantized.get(str(bits), 0) + len(nodes)
-        if needs_external_data(model):
-            onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
-        else:
-            onnx.save_model(model, str(dst))
+        save_onnx(model, dst)
         lm_head = "; ".join(f"{n}: {head_bits[n]}-bit" if n in head_bits else f"{n}: {kept.get(n, 'MatMulNBits')}"
                             for n in heads)
         return WeightOnlyComponent(quantized=quantized, carried=carried, kept_float=kept, lm_head=lm_head)
