@@ -78,6 +78,15 @@ def test_unwritable_output(tiny_bert_dir, tmp_path):
     assert_one_line_error(optpipe("run", str(tiny_bert_dir), "-o", str(locked / "art")), "not writable")
 
 
+@pytest.mark.parametrize("args,fragment", [
+    (["--task", "text2text-generation"], "cannot export model_type 'bert' for task text2text-generation"),
+    (["-o", "/proc/optpipe-test/art"], "cannot create /proc/optpipe-test"),  # unwritable even for root
+    (["-o", "/proc/sys/optpipe-test"], "is not writable"),
+])
+def test_bad_task_and_impossible_outputs_are_one_line(tiny_bert_dir, tmp_path, args, fragment):
+    assert_one_line_error(optpipe("run", str(tiny_bert_dir), *args, cwd=tmp_path), fragment)
+
+
 def test_output_under_a_file_is_refused(tiny_bert_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     assert_one_line_error(optpipe("run", str(tiny_bert_dir), "-o", str(tmp_path / "file" / "art")), "cannot create")
