@@ -168,17 +168,36 @@ def tune(
         f"budget {max_loss}")
     workdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tune-", dir=dest.parent))
     try:
-        reference = _build([PassSpec("export"), PassSpec("fuse", {"flavor": "cpu"})], source, target, workdir,
-                           use_cache, calibration_path)
-        built, failed = _build_all(pending, source, target, workdir, use_cache, calibration_path, say)
-        say(f"timing fp32 and {len(built)} candidates interleaved ({seconds:.0f} s, batch 1, 128 tokens) ...")
-        paths = [reference.files.path / reference.files.components[0]]
-        paths += [files.path / files.components[0] for _, files in built]
-        ratios = _ratios(paths, seconds, threads)[1:]
-        candidates = _search(built, ratios, scorer, max_loss, say, score_all) + failed
+        built, candidates = _score(pending, source, target, workdir, use_cache, calibration_path, scorer, max_loss,
+                                   seconds, threads, score_all, say)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    table = [c.to_json() for c in candidates]
+    winner = _winner(candidates, max_loss, say)
+    tuning = {"max_loss": max_loss, "loss": scorer.describe, "metric": scorer.metric, "baseline": scorer.baseline,
+              "timing": {"seconds": seconds, "batch": 1, "sequence_length": 128, "threads": threads,
+                         "reference": "fp32 (export,fuse{flavor=cpu})"},
+              "engine": "neural_compressor.common.base_tuning", "candidates": [c.to_json() for c in candidates]}
+    winner_target = replace(target, passes=tuple(next(r for r, _ in built if r.pipeline == winner.pipeline).specs))
+    artifact = optimize(model, winner_target, dest, task=task, overwrite=overwrite, use_cache=use_cache,
+                        calibration=calibration, progress=say, extra_manifest={"tuning": tuning})
+    return TuneResult(artifact, tuple(candidates), max_loss, scorer.metric, scorer.baseline, tuning["timing"])
+
+
+def _score(pending: list[Recipe], source, target, workdir, use_cache, calibration, scorer, max_loss: float,
+           seconds: float, threads: int | None, score_all: bool, say) -> tuple[list, list[Candidate]]:
+    """Build every candidate, time them interleaved with the fp32 reference, and score them fastest first."""
+    reference = _build([PassSpec("export"), PassSpec("fuse", {"flavor": "cpu"})], source, target, workdir,
+                       use_cache, calibration)
+    built, failed = _build_all(pending, source, target, workdir, use_cache, calibration, say)
+    say(f"timing fp32 and {len(built)} candidates interleaved ({seconds:.0f} s, batch 1, 128 tokens) ...")
+    paths = [reference.files.path / reference.files.components[0]]
+    paths += [files.path / files.components[0] for _, files in built]
+    ratios = _ratios(paths, seconds, threads)[1:]
+    return built, _search(built, ratios, scorer, max_loss, say, score_all) + failed
+
+
+def _winner(candidates: list[Candidate], max_loss: float, say) -> Candidate:
+    """The winning candidate, or TuningFailedError naming the lowest loss seen."""
     winner = next((c for c in candidates if c.status == "winner"), None)
     if winner is None:
         for line in format_table(candidates):
@@ -188,14 +207,7 @@ def tune(
                                 + (f" (lowest loss {best.loss:.4f}: {best.recipe})" if best else "")
                                 + "; nothing was published")
     say(f"winner: {winner.recipe} (latency x{winner.latency_ratio:.3f} of fp32, loss {winner.loss:.4f}); publishing")
-    tuning = {"max_loss": max_loss, "loss": scorer.describe, "metric": scorer.metric, "baseline": scorer.baseline,
-              "timing": {"seconds": seconds, "batch": 1, "sequence_length": 128, "threads": threads,
-                         "reference": "fp32 (export,fuse{flavor=cpu})"},
-              "engine": "neural_compressor.common.base_tuning", "candidates": table}
-    winner_target = replace(target, passes=tuple(next(r for r, _ in built if r.pipeline == winner.pipeline).specs))
-    artifact = optimize(model, winner_target, dest, task=task, overwrite=overwrite, use_cache=use_cache,
-                        calibration=calibration, progress=say, extra_manifest={"tuning": tuning})
-    return TuneResult(artifact, tuple(candidates), max_loss, scorer.metric, scorer.baseline, tuning["timing"])
+    return winner
 
 
 def _build_all(pending: list[Recipe], source, target, workdir, use_cache, calibration, say):
