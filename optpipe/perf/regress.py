@@ -146,16 +146,7 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
     baseline = Path(baseline)
     say = progress or (lambda _: None)
     if update:
-        settings = {}
-        if baseline.is_file():
-            settings = load_baseline(baseline).get("settings", {})
-        threads = threads if threads is not None else settings.get("threads")
-        data = record_baseline(artifact, baseline, batch=settings.get("batch", 1), seq=settings.get("seq", 128),
-                               threads=threads, seconds=seconds or settings.get("seconds", 20.0))
-        fig = data["figures"]
-        return CheckResult("updated", 0, "recorded", tolerance, None, None, fig["p50_ms"], None,
-                           f"baseline {baseline} updated: reference {data['reference']['path']}, "
-                           f"p50 {fig['p50_ms']:.3f} ms", settings=data["settings"])
+        return _update(artifact, baseline, tolerance, seconds, threads)
     data = load_baseline(baseline)
     settings = data["settings"]
     threads = threads if threads is not None else settings.get("threads")
@@ -172,7 +163,6 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
         notes.append(f"onnxruntime {data['machine'].get('onnxruntime')} at recording, {here['onnxruntime']} now")
     reference, why_not = _reference_at_hand(data, baseline)
     candidate = open_artifact(artifact, threads)  # ArtifactError (exit 1) / ProviderUnavailableError (exit 4) first
-    limit = 1.0 + tolerance
     run = {"batch": batch, "seq": seq, "threads": threads, "seconds": seconds}
     if reference is not None:
         say(f"timing {artifact} interleaved with the reference {reference} ({seconds:g}s) ...")
@@ -194,11 +184,33 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
         logs = np.log(cand_t * 1e3 / ref_ms)
         estimate, samples = float(np.exp(np.median(logs))), np.exp(bootstrap_medians(logs))
         mode = "recorded"
+    ratio, probability, status, code, message = _verdict(estimate, samples, len(cand_t), tolerance)
+    cand_ms = float(np.median(cand_t) * 1e3)
+    return CheckResult(status, code, mode, tolerance, ratio, round(probability, 4), round(cand_ms, 4),
+                       round(ref_ms, 4), message, tuple(notes), run)
+
+
+def _update(artifact: str | Path, baseline: Path, tolerance: float, seconds: float | None,
+            threads: int | None) -> CheckResult:
+    """`check --update`: re-record the baseline with the settings it had (or the defaults)."""
+    settings = load_baseline(baseline).get("settings", {}) if baseline.is_file() else {}
+    threads = threads if threads is not None else settings.get("threads")
+    data = record_baseline(artifact, baseline, batch=settings.get("batch", 1), seq=settings.get("seq", 128),
+                           threads=threads, seconds=seconds or settings.get("seconds", 20.0))
+    fig = data["figures"]
+    return CheckResult("updated", 0, "recorded", tolerance, None, None, fig["p50_ms"], None,
+                       f"baseline {baseline} updated: reference {data['reference']['path']}, "
+                       f"p50 {fig['p50_ms']:.3f} ms", settings=data["settings"])
+
+
+def _verdict(estimate: float, samples: np.ndarray, rounds: int, tolerance: float):
+    """(ratio with its interval, P(slowdown > tolerance), status, exit code, message): a regression only when the
+    whole interval lies above 1 + tolerance."""
+    limit = 1.0 + tolerance
     tail = (1 - LEVEL) / 2 * 100
     low, high = (float(v) for v in np.percentile(samples, [tail, 100 - tail]))
-    ratio = RatioEstimate(round(estimate, 5), round(low, 5), round(high, 5), len(cand_t), LEVEL)
+    ratio = RatioEstimate(round(estimate, 5), round(low, 5), round(high, 5), rounds, LEVEL)
     probability = float(np.mean(samples > limit))
-    cand_ms = float(np.median(cand_t) * 1e3)
     interval = f"{ratio.ratio:.3f} [{ratio.low:.3f}, {ratio.high:.3f}]"
     if ratio.low > limit:
         status, code = "regression", REGRESSION_EXIT
@@ -212,8 +224,7 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
         status, code = "ok", 0
         message = (f"ok: no regression beyond {tolerance:.1%}: ratio {interval} (probability "
                    f"{probability:.1%} that the slowdown exceeds it)")
-    return CheckResult(status, code, mode, tolerance, ratio, round(probability, 4), round(cand_ms, 4),
-                       round(ref_ms, 4), message, tuple(notes), run)
+    return ratio, probability, status, code, message
 
 
 def markdown(result: CheckResult, artifact: str, baseline: str) -> str:
