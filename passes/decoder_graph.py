@@ -186,8 +186,7 @@ def build_decoder(model_dir: Path, out_path: Path, *, weights: WeightSource | No
     lengths = _mask_lengths(g)
     gather_in, gather_out, batch, seq = _left_pad_rotation(g)
     ids = g.op("GatherElements", ["input_ids", gather_in], "/model/pad_rotation/input_ids", axis=1)
-    table = g.add_init("model.embed_tokens.weight", g.float_weight("model.embed_tokens.weight"))
-    hidden = g.op("Gather", [table, ids], "model.embed_tokens/Gather", axis=0)
+    hidden = g.embedding(ids, float_table_needed=tied and not g.overrides("lm_head.weight"))
     residual = None
     for i in range(config.num_hidden_layers):
         say(f"  layer {i + 1}/{config.num_hidden_layers}")

@@ -109,3 +109,7 @@ def test_gguf_q4_source_carries_its_blocks_to_cpu_int4(tmp_path, tokenizer_field
     assert abs(v["metrics"]["perplexity_ratio"] - 1) < 1e-3
     ops = _ops(art)
     assert ops["MatMulNBits"] >= 10 and ops.get("MatMul", 0) >= 1  # Q4_1 blocks: MatMulNBits + block offsets
+    if export["gguf_blocks"]["carried"].get("model.embed_tokens.weight") in ("Q4_0", "Q8_0"):
+        assert ops["GatherBlockQuantized"] == 1  # the embedding stays in its blocks: no float table is stored
+        stored = {i.name for i in onnx.load(str(art.path / "model.onnx")).graph.initializer}
+        assert "model.embed_tokens.weight" not in stored
