@@ -163,7 +163,8 @@ def _lm_head(g: GraphWriter, x: str, tied: bool, tied_head: str, hidden: int, ba
 
 
 def build_decoder(model_dir: Path, out_path: Path, *, weights: WeightSource | None = None, accuracy_level: int = 0,
-                  progress: Callable[[str], None] | None = None, tied_head: str = "gemm") -> DecoderGraphReport:
+                  progress: Callable[[str], None] | None = None, tied_head: str = "gemm",
+                  centered_offsets: bool = False) -> DecoderGraphReport:
     """Write the fused ONNX graph of the llama/qwen2/mistral model in `model_dir` to `out_path` (model.onnx).
 
     weights(hf_param_name) may return an NBitsWeight (that linear becomes MatMulNBits), a float array (used instead
@@ -180,7 +181,7 @@ def build_decoder(model_dir: Path, out_path: Path, *, weights: WeightSource | No
     config, params, tied = _load(model_dir)
     windows = _local_windows(config)
     head_dim = _head_dim(config)
-    g = GraphWriter(params, weights, accuracy_level)
+    g = GraphWriter(params, weights, accuracy_level, centered_offsets)
     cos, sin = rope_caches(config)
     rope = (g.add_init("cos_cache", cos), g.add_init("sin_cache", sin))
     lengths = _mask_lengths(g)

@@ -29,10 +29,12 @@ class LayerShape:
 class GraphWriter:
     """Accumulates nodes and initializers; `param(name)` resolves a weight through the override, else the model."""
 
-    def __init__(self, params: dict[str, np.ndarray], override: WeightSource | None, accuracy_level: int):
+    def __init__(self, params: dict[str, np.ndarray], override: WeightSource | None, accuracy_level: int,
+                 centered_offsets: bool = False):
         self.params = params
         self.override = override
         self.accuracy_level = accuracy_level
+        self.centered_offsets = centered_offsets
         self.nodes: list = []
         self.initializers: list = []
         self.nbits: list[str] = []
@@ -125,15 +127,17 @@ class GraphWriter:
             inputs = [x, self.add_init(f"{w_name}.qweight", w.packed.reshape(w.n, w.k_blocks, -1).astype(np.uint8)),
                       self.add_init(f"{w_name}.scales", w.scales.reshape(w.n, w.k_blocks).astype(np.float32))]
             zp, offsets = w.zero_points, None
-            if zp is not None and zp.dtype != np.uint8 and self.accuracy_level == 0:
+            if zp is not None and zp.dtype != np.uint8 and self.centered_offsets:
                 # A float zero point sends onnxruntime's CPU kernel down a path that dequantizes the whole weight on
-                # every call (SmolLM2 ffn_up: 1.5 ms against 23 us). ORT computes q*scale + (-scale*zp): keep q*scale
-                # in MatMulNBits with uint8 zero points of 0 (the fast kernel) and add the per-block offsets as
-                # blocksum(x) @ offsets.T, a MatMul K/block_size times smaller. Only at accuracy level 0, where it is
-                # exact: at level 4 the zero-point-0 kernel would quantize activations against the large q*scale
-                # (SmolLM2 Q4_1: next-token agreement 0.988 -> 0.912), so there the float zero points stay.
-                offsets = -(w.scales.astype(np.float32) * zp.astype(np.float32)).reshape(w.n, w.k_blocks)
-                zp = np.zeros((w.n, (w.k_blocks * w.bits + 7) // 8), dtype=np.uint8)
+                # every call (SmolLM2 ffn_up: 1.5 ms against 23 us). ORT computes q*scale - scale*zp; written as
+                # (q - c)*scale + scale*(c - zp) with c = 2**(bits-1), the first term is MatMulNBits with its default
+                # (centred) zero point, the fast kernel, and the second is blocksum(x) @ offsets.T, a MatMul
+                # block_size times smaller. Centring matters at accuracy level 4: with zero point 0 the int8
+                # activations meet the large, uncancelled q*scale term (SmolLM2 Q4_1 agreement fell to 0.912).
+                centre = np.float32(2 ** (w.bits - 1))
+                scales = w.scales.astype(np.float32)
+                offsets = (scales * (centre - zp.astype(np.float32))).reshape(w.n, w.k_blocks)
+                zp = None
             if zp is not None:
                 zp = zp.reshape(w.n, -1) if zp.dtype == np.uint8 else zp.reshape(w.n, w.k_blocks).astype(np.float32)
                 inputs.append(self.add_init(f"{w_name}.qzeros", zp))
