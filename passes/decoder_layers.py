@@ -43,6 +43,7 @@ class GraphWriter:
         self._names: Counter = Counter()
         self._resolved: dict[str, object] = {}
         self._consts: dict[str, tuple[str, np.ndarray]] = {}
+        self._block_sums: dict[tuple[str, int, int], str] = {}
 
     # ---- names and constants ----
     def fresh(self, name: str) -> str:
@@ -114,6 +115,16 @@ class GraphWriter:
         return self.op("GatherBlockQuantized", inputs, "model.embed_tokens/GatherBlockQuantized", domain=MS,
                        bits=w.bits, block_size=w.block_size, gather_axis=0, quantize_axis=1)
 
+    def block_sums(self, x: str, k_blocks: int, block_size: int, prefix: str) -> str:
+        """Sums of x over blocks of its last axis, computed once per input (q/k/v and gate/up share theirs)."""
+        key = (x, k_blocks, block_size)
+        if key not in self._block_sums:
+            shape = self.const(f"blocks_{k_blocks}x{block_size}", [0, 0, k_blocks, block_size])
+            blocks = self.op("Reshape", [x, shape], f"{prefix}/BlockReshape")
+            self._block_sums[key] = self.op("ReduceSum", [blocks, self.const("last_axis", [-1])],
+                                            f"{prefix}/BlockSum", keepdims=0)
+        return self._block_sums[key]
+
     def linear(self, x: str, prefix: str) -> str:
         """y = x @ W.T (+ b) for the HF nn.Linear `prefix` (e.g. model.layers.0.self_attn.q_proj)."""
         w_name, b_name = f"{prefix}.weight", f"{prefix}.bias"
@@ -147,11 +158,8 @@ class GraphWriter:
                         block_size=w.block_size, accuracy_level=self.accuracy_level)
             if offsets is None:
                 return y
-            blocks = self.op("Reshape", [x, self.const(f"{prefix}.blocks_shape", [0, 0, w.k_blocks, w.block_size])],
-                             f"{prefix}/BlockReshape")
-            sums = self.op("ReduceSum", [blocks, self.const(f"{prefix}.last_axis", [-1])], f"{prefix}/BlockSum",
-                           keepdims=0)
-            shift = self.op("MatMul", [sums, self.add_init(f"{w_name}.offsets_T", offsets.T.copy())],
+            shift = self.op("MatMul", [self.block_sums(x, w.k_blocks, w.block_size, prefix),
+                                       self.add_init(f"{w_name}.offsets_T", offsets.T.copy())],
                             f"{prefix}/BlockOffsets")
             return self.op("Add", [y, shift], f"{prefix}/AddBlockOffsets")
         y = self.op("MatMul", [x, self.add_init(f"{w_name}.T", w.T)], f"{prefix}/MatMul")
