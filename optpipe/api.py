@@ -7,6 +7,7 @@ import logging
 import platform
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,7 +72,8 @@ def compressed_size(files: ModelFiles) -> dict[str, Any]:
 
 
 def build_manifest(source: ModelSource, target: Target, result: PipelineResult, staged: ModelFiles,
-                   validation: ValidationResult, source_bytes: int) -> dict[str, Any]:
+                   validation: ValidationResult, source_bytes: int,
+                   cpu: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "optpipe_version": __version__,
@@ -84,7 +86,7 @@ def build_manifest(source: ModelSource, target: Target, result: PipelineResult, 
         "graph": graph_summary(staged),
         "size": {"source_bytes": source_bytes, "onnx_bytes": staged.onnx_bytes(),
                  **(compressed_size(staged) if any(r.name == "prune" for r in result.steps) else {})},
-        "validation": validation.to_json(),
+        "validation": {**validation.to_json(), **({"cpu": cpu} if cpu is not None else {})},
         "versions": {"python": platform.python_version(), **package_versions()},
     }
 
@@ -163,8 +165,18 @@ def _log_progress(event: Any) -> None:
 def _validated_manifest(source: ModelSource, target: Target, result: PipelineResult, staged: ModelFiles,
                         say: Callable[[str], None]) -> dict[str, Any]:
     """Validate the staged artifact against the original model; its manifest, or ValidationFailedError."""
+    from optpipe.perf.isa import X64_QUANT_PRECISION, build_note, detect
+
+    cpu = detect()
+    note = build_note(target.numerics_isa, cpu.family) if target.numerics_isa else None
+    checked, extra = target, {}
+    if note and cpu.family == "avx2":  # validate what the target's exact-int8 CPUs compute, not this CPU's saturation
+        extra = {X64_QUANT_PRECISION: "1"}
+        checked = replace(target, session_options={**target.session_options, **extra})
     say("validating against the PyTorch model ...")
-    validation = validate(source, staged, target, progress=say)
+    validation = validate(source, staged, checked, progress=say)
+    if note:
+        log.warning("%s", note)
     if not validation.passed:
         raise ValidationFailedError(
             f"validation failed for {target.name}: {'; '.join(validation.failures)} "
@@ -172,7 +184,11 @@ def _validated_manifest(source: ModelSource, target: Target, result: PipelineRes
         )
     source_bytes = sum(p.stat().st_size for p in source.path.rglob("*") if p.is_file()
                        and p.suffix in (".safetensors", ".bin"))
-    return build_manifest(source, target, result, staged, validation, source_bytes)
+    # runs_target_numerics: this CPU's default kernels compute what the target's CPUs do; validated_target_numerics:
+    # the validation did (on AVX2, through session.x64quantprecision)
+    cpu_facts = {**cpu.to_json(), "target_isa": target.numerics_isa, "runs_target_numerics": note is None,
+                 "validated_target_numerics": note is None or bool(extra), "note": note, "session_options": extra}
+    return build_manifest(source, target, result, staged, validation, source_bytes, cpu_facts)
 
 
 def check_calibration(calibration: str | Path | None) -> tuple[Path | None, str | None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from optpipe.errors import ArtifactError, OutputError
+
+log = logging.getLogger("optpipe")
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -59,7 +62,27 @@ class Artifact:
             raise ArtifactError(f"{manifest_file} is unreadable or corrupt: {exc}") from exc
         if "components" not in manifest or "target" not in manifest:
             raise ArtifactError(f"{manifest_file} is not an optpipe manifest")
-        return cls(path, manifest)
+        artifact = cls(path, manifest)
+        artifact.warn_if_foreign_cpu()
+        return artifact
+
+    def warn_if_foreign_cpu(self) -> None:
+        """One warning when this CPU does not compute the INT8 numerics the artifact was built and validated for
+        (an 8-bit-weight artifact on AVX2 without VNNI); CPUs are detected only for such artifacts."""
+        from optpipe.errors import OptpipeError
+        from optpipe.perf.isa import detect, holds_everywhere, load_warning
+
+        try:
+            isa = self.target.numerics_isa
+        except (OptpipeError, KeyError, TypeError) as exc:  # a manifest from another version: no opinion
+            log.debug("no ISA check for %s: %s", self.path, exc)
+            return
+        if holds_everywhere(isa):  # the same on every CPU: no need to detect this one
+            return
+        validated = (self.manifest.get("validation", {}).get("cpu") or {}).get("family")
+        message = load_warning(self.path.name, isa, validated, detect().family)
+        if message:
+            log.warning("%s", message)
 
     @property
     def components(self) -> list[Path]:

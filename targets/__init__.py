@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from optpipe.errors import InvalidOptionError, UnknownTargetError, UnsupportedModelError
+from optpipe.perf.isa import EXACT_FAMILIES, TARGET_ISAS, reduce_range_for
 from optpipe.targets.recipe import PassSpec, format_pipeline, parse_pipeline, parse_value
 
 
@@ -31,6 +32,24 @@ class Target:
     decoder_passes: tuple[PassSpec, ...] = ()
     decoder_validate: dict[str, Any] = field(default_factory=dict)
     decoder_validate_gguf: dict[str, Any] = field(default_factory=dict)  # stricter, when the source is a GGUF
+    # CPU targets: the instruction-set family whose integer numerics the recipe is built for (perf/isa.py).
+    # "portable" quantizes weights to 7 bits (quantize.reduce_range), exact on every CPU; "avx512_vnni", "amx" or
+    # "arm_dotprod" keep 8 bits, which AVX2 kernels without VNNI saturate. None: not declared (GPU targets, and
+    # cpu-fp32, which has no INT8 GEMM; `numerics_isa` says "portable" for it).
+    isa: str | None = None
+
+    @property
+    def numerics_isa(self) -> str | None:
+        """The family the integer numerics of this recipe, as configured, hold on: its `isa`, corrected by an
+        explicit `quantize.reduce_range` or weight_type; "portable" without INT8 GEMMs; None off CPU."""
+        if self.provider != "CPUExecutionProvider":
+            return None
+        specs = [s for s in self.passes if s.name == "quantize"]
+        seven_bit = all(s.options.get("reduce_range") is True or s.options.get("weight_type") == "quint8"
+                        for s in specs)
+        if seven_bit:  # also: no quantize pass (float, or weight-only MatMulNBits)
+            return self.isa if self.isa is not None and reduce_range_for(self.isa) else "portable"
+        return self.isa if self.isa in EXACT_FAMILIES else "avx512_vnni"
 
     def for_task(self, task: str, gguf: bool = False) -> "Target":
         """The recipe as it runs for a model of `task`: the decoder recipe for text-generation when there is one."""
@@ -53,7 +72,7 @@ class Target:
 
     def with_pipeline(self, text: str) -> "Target":
         """Replace the recipe (for every model kind) with a one-line pipeline."""
-        return replace(self, passes=tuple(parse_pipeline(text)), decoder_passes=(),
+        return replace(self, passes=_with_isa_numerics(tuple(parse_pipeline(text)), self.isa), decoder_passes=(),
                        overrides=(*self.overrides, f"pipeline={text}"))
 
     def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> "Target":
@@ -65,7 +84,12 @@ class Target:
             if not eq or not dot or not key:
                 raise InvalidOptionError(f"--set {assignment!r}: expected SECTION.KEY=VALUE, e.g. quantize.per_channel=false")
             value = parse_value(raw)
-            if section == "validate":  # a user's threshold holds for every model kind
+            if section == "target" and key == "isa":  # the family, and the quantize pass's weights with it
+                isa = _checked_isa(value, f"--set {assignment}")
+                target = replace(target, isa=isa, **{kind: tuple(
+                    s.with_option("reduce_range", reduce_range_for(isa)) if s.name == "quantize" else s
+                    for s in getattr(target, kind)) for kind in ("passes", "decoder_passes")})
+            elif section == "validate":  # a user's threshold holds for every model kind
                 target = replace(target, **{kind: {**getattr(target, kind), key: value} for kind in
                                             ("validate", "decoder_validate", "decoder_validate_gguf")})
             elif section in ("provider_options", "harness", "session_options"):
@@ -76,7 +100,7 @@ class Target:
                                             for kind in ("passes", "decoder_passes")})
             else:
                 names = dict.fromkeys(s.name for s in (*target.passes, *target.decoder_passes))
-                known = ", ".join([*names, "validate", "provider_options", "harness"])
+                known = ", ".join([*names, "validate", "provider_options", "harness", "target.isa"])
                 raise InvalidOptionError(f"--set {assignment!r}: target {target.name} has no {section!r} (known: {known})")
             target = replace(target, overrides=(*target.overrides, assignment))
         return target
@@ -88,6 +112,7 @@ class Target:
             "pipeline": self.pipeline,
             "passes": [{"name": s.name, **s.options} for s in self.passes],
             "provider": self.provider,
+            "isa": self.numerics_isa,
             "provider_options": self.provider_options,
             "fallback_providers": list(self.fallback_providers),
             "session_options": self.session_options,
@@ -105,9 +130,24 @@ def _specs(passes: list[dict]) -> tuple[PassSpec, ...]:
     return tuple(PassSpec(p["name"], {k: v for k, v in p.items() if k != "name"}) for p in passes)
 
 
+def _checked_isa(value: Any, origin: str) -> str | None:
+    if value is not None and value not in TARGET_ISAS:
+        raise InvalidOptionError(f"{origin}: isa must be one of {', '.join(TARGET_ISAS)}, not {value!r}")
+    return value
+
+
+def _with_isa_numerics(specs: tuple[PassSpec, ...], isa: str | None) -> tuple[PassSpec, ...]:
+    """The quantize pass's `reduce_range` derived from the target's isa where the recipe does not set it."""
+    if isa is None:
+        return specs
+    return tuple(s.with_option("reduce_range", reduce_range_for(isa))
+                 if s.name == "quantize" and "reduce_range" not in s.options else s for s in specs)
+
+
 def target_from_toml(data: dict, origin: str) -> Target:
+    isa = _checked_isa(data.get("isa"), f"target file {origin}")
     try:
-        passes = _specs(data.get("passes", []))
+        passes = _with_isa_numerics(_specs(data.get("passes", [])), isa)
         decoder = data.get("decoder", {})
         if not passes and not decoder.get("passes"):
             raise InvalidOptionError(f"target file {origin} has no [[passes]] (nor [[decoder.passes]])")
@@ -121,9 +161,10 @@ def target_from_toml(data: dict, origin: str) -> Target:
             session_options=dict(data.get("session_options", {})),
             validate=dict(data.get("validate", {})),
             harness=dict(data.get("harness", {})),
-            decoder_passes=_specs(decoder.get("passes", [])),
+            decoder_passes=_with_isa_numerics(_specs(decoder.get("passes", [])), isa),
             decoder_validate=dict(decoder.get("validate", {})),
             decoder_validate_gguf=dict(decoder.get("validate_gguf", {})),
+            isa=isa,
         )
     except (KeyError, TypeError) as exc:
         raise InvalidOptionError(f"target file {origin} is malformed: missing or wrong {exc}") from exc

@@ -47,6 +47,10 @@ def print_summary(artifact) -> None:
     limits = ", ".join(f"{k} {'<=' if is_ceiling(k) else '>='} {val}" for k, val in v["thresholds"].items())
     status = f"deferred ({v['deferred']})" if v.get("deferred") else ("passed" if v["passed"] else "FAILED")
     print(f"validation ({v['texts']} texts, {v['provider']}): {figures}  [{limits}]  {status}")
+    cpu = v.get("cpu")
+    if cpu and cpu.get("target_isa"):  # CPU targets: which integer numerics were checked, on what
+        print(f"isa: INT8 numerics for {cpu['target_isa']}, validated on {cpu['family']} ({cpu['brand']})"
+              + (f"; {cpu['note']}" if cpu.get("note") else ""))
     print(f"size: {mb(m['size']['source_bytes'])} (PyTorch weights) -> {mb(m['size']['onnx_bytes'])} (ONNX)")
     for row in m.get("bench", {}).get("rows", []):
         print(f"bench ({row['providers'][0]}, {row['workload']} bs {row['batch']} seq {row['seq']}): p50 "

@@ -184,7 +184,8 @@ def validate(source: ModelSource, files: ModelFiles, target, texts: tuple[str, .
     texts = texts or validation_texts()
     # generators run through Optimum's ORTModel classes, which build their own sessions on this provider
     optimum_options = {"provider": provider,
-                       "provider_options": target.provider_options if provider == target.provider else {}}
+                       "provider_options": target.provider_options if provider == target.provider else {},
+                       "session_options": target.session_options if provider == target.provider else {}}
     # What the target promises about the graph is checked on the file, with or without its provider.
     checks = check_graph(files, target)
     try:

@@ -32,6 +32,10 @@ def _ort_model(run, cls_name: str):
         # the export pass keeps the two plain decoders (see passes/export.py); say so rather than let Optimum search
         kwargs["use_merged"] = (run.files.path / "decoder_model_merged.onnx").is_file()
     provider = run.extra.get("provider", "CPUExecutionProvider")
+    if run.extra.get("session_options"):  # the target's session config entries (e.g. session.x64quantprecision)
+        from optpipe.session import session_options
+
+        kwargs["session_options"] = session_options(extra=run.extra["session_options"])
     return cls.from_pretrained(run.files.path, use_cache=True, provider=provider,
                                provider_options=run.extra.get("provider_options") or None, **kwargs)
 
