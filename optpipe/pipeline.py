@@ -156,7 +156,7 @@ class Pipeline:
         calibration: Path | None = None,
     ) -> PipelineResult:
         files = ModelFiles(source.path, "hf")
-        key = source.content_hash
+        key = f"{source.content_hash}:{source.task}"  # the task decides what export writes (heads, KV cache)
         calibration_hash = sha256_file(calibration) if calibration is not None else None
         versions = package_versions()
         records = []

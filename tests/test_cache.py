@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import onnxruntime as ort
+import pytest
 
 from optpipe import optimize
 from optpipe.cache import META
@@ -79,3 +80,13 @@ def test_cache_store_is_atomic_and_first_writer_wins(tmp_path, monkeypatch):
         assert stored is not None and (stored.files_dir / "model.onnx").read_text() == "first"
     assert cache.load(entry).report == {"v": "first"}
     assert [p.name for p in Path(entry.parent).iterdir()] == [entry.name]
+
+
+def test_the_task_is_part_of_the_key(tiny_bert_dir, tmp_path, monkeypatch):
+    """A cached feature-extraction export must not be served to a text2text-generation run of the same weights."""
+    from optpipe.errors import UnsupportedModelError
+
+    monkeypatch.setenv("OPTPIPE_CACHE", str(tmp_path / "cache"))
+    optimize(str(tiny_bert_dir), "cpu-int8", tmp_path / "a")
+    with pytest.raises(UnsupportedModelError, match="text2text-generation"):
+        optimize(str(tiny_bert_dir), "cpu-int8", tmp_path / "b", task="text2text-generation")
