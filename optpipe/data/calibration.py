@@ -101,15 +101,20 @@ def _read(path: Path, column: str) -> tuple[str, ...]:
     return tuple(texts)
 
 
-def _jsonl(path: Path, content: str, field: str) -> list[str]:
-    texts = []
-    for number, line in enumerate(content.splitlines(), start=1):
+def jsonl_records(path: Path, lines: list[str], error: type[Exception], kind: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for each non-blank line; `error` names the file and line of invalid JSON."""
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise CalibrationDataError(f"calibration file {path}, line {number}: not valid JSON ({exc.msg})") from exc
+            raise error(f"{kind} file {path}, line {number}: not valid JSON ({exc.msg})") from exc
+
+
+def _jsonl(path: Path, content: str, field: str) -> list[str]:
+    texts = []
+    for number, record in jsonl_records(path, content.splitlines(), CalibrationDataError, "calibration"):
         if not isinstance(record, dict) or field not in record:
             raise CalibrationDataError(f"calibration file {path}, line {number}: no {field!r} field "
                                        f"(name another with {path.name}:FIELD)")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from optpipe.data.calibration import jsonl_records
 from optpipe.errors import EvalDataError, UnsupportedModelError
 from optpipe.pipeline import ModelFiles
 from optpipe.source import load_tokenizer, ModelSource
@@ -67,13 +67,7 @@ def load_eval(path: str | Path, label2id: dict[str, int], num_labels: int) -> tu
         raise EvalDataError(f"eval file {path} cannot be read as UTF-8 text: {exc}") from exc
     names = {k.lower(): v for k, v in label2id.items()}
     texts, labels = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvalDataError(f"eval file {path}, line {number}: not valid JSON ({exc.msg})") from exc
+    for number, record in jsonl_records(path, lines, EvalDataError, "eval"):
         if not isinstance(record, dict) or "text" not in record or "label" not in record:
             raise EvalDataError(f"eval file {path}, line {number}: needs 'text' and 'label' fields")
         label = record["label"]
