@@ -1,5 +1,6 @@
-"""Built-in text sets written for this project: validation texts, (distinct) calibration texts, and a larger
-unlabeled set that recovery after pruning trains on."""
+"""Built-in text sets written for this project: validation texts, (distinct) calibration texts, a larger
+unlabeled set that recovery after pruning trains on, and a held-out set used only for measuring fidelity in
+bench/ (never for calibration, validation or training; disjoint from the other three)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,7 @@ def calibration_texts() -> tuple[str, ...]:
 
 def unlabeled_texts() -> tuple[str, ...]:
     return _lines("unlabeled.txt")
+
+
+def heldout_texts() -> tuple[str, ...]:
+    return _lines("heldout.txt")
