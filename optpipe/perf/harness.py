@@ -30,6 +30,12 @@ log = logging.getLogger("optpipe.perf.harness")
 
 WARMUP = 5
 MIN_ROUNDS = 10
+# What Measured.run times. "wall": perf_counter around session.run (bench, compare, and check with threads != 1).
+# "cpu": the calling thread's CPU time (time.thread_time_ns): with exactly one intra-op thread ONNX Runtime's CPU
+# provider computes on the calling thread, so this is the inference's own compute, without the time the thread
+# sat preempted on a busy machine (it still includes cache and memory-bandwidth contention). With more threads
+# the work runs on ORT's pool threads and the calling thread's CPU time misses it: then only "wall" is meaningful.
+CLOCKS = ("wall", "cpu")
 
 __all__ = ["BenchResult", "BenchRow", "Measured", "RatioEstimate", "bench", "compare", "interleaved_ratios", "open_artifact",
            "machine_facts"]
@@ -76,8 +82,13 @@ class Measured:
     memory_mb: float = 0.0
     feeds: dict[tuple[str, int, int], Workload] = field(default_factory=dict)
 
-    def run(self, workload: Workload) -> float:
+    def run(self, workload: Workload, clock: str = "wall") -> float:
+        """Seconds of one `session.run` on `clock` (CLOCKS): wall time, or this thread's CPU time."""
         session = self.sessions[workload.component]
+        if clock == "cpu":
+            start_ns = time.thread_time_ns()
+            session.run(None, workload.feed)
+            return (time.thread_time_ns() - start_ns) * 1e-9
         start = time.perf_counter()
         session.run(None, workload.feed)
         return time.perf_counter() - start
@@ -126,31 +137,37 @@ def grid_workloads(models: list[Measured], batch: int, seq: int) -> list[list[Wo
     return out
 
 
-def _rounds(runs: int | None, seconds: float):
-    """Round numbers: exactly `runs`, or at least MIN_ROUNDS and until `seconds` have passed."""
+def _rounds(runs: int | None, seconds: float, stop: Callable[[], bool] | None = None):
+    """Round numbers: exactly `runs`, or at least MIN_ROUNDS and until `seconds` have passed or `stop()` (asked
+    after every round from the MIN_ROUNDS-th on) says the caller has seen enough."""
     if runs:
         yield from range(runs)
         return
     deadline = time.perf_counter() + seconds
     rounds = 0
-    while rounds < MIN_ROUNDS or time.perf_counter() < deadline:
+    while rounds < MIN_ROUNDS or (time.perf_counter() < deadline and not (stop and stop())):
         yield rounds
         rounds += 1
 
 
 def interleave(models: list[Measured], work: list[Workload | None], warmup: int, runs: int | None,
                seconds: float, rng: np.random.Generator, progress: Callable[[Any], None] | None = None,
-               label: str = "rounds") -> list[np.ndarray]:
-    """Per model, the time of each round; every round runs each model once in a shuffled order. `progress`
-    gets Ticks per round (passbase.track)."""
+               label: str = "rounds", clock: str = "wall",
+               stop: Callable[[list[list[float]]], bool] | None = None) -> list[np.ndarray]:
+    """Per model, the time of each round on `clock` (CLOCKS); every round runs each model once in a shuffled
+    order. `progress` gets Ticks per round (passbase.track). With `seconds` (runs None), `stop(times)` is asked
+    between rounds and ends the run early when it returns True (check's sequential verdict)."""
+    if clock not in CLOCKS:
+        raise InvalidOptionError(f"unknown clock {clock!r}: one of {', '.join(CLOCKS)}")
     active = [i for i, w in enumerate(work) if w is not None]
     for _ in range(warmup):
         for i in active:
-            models[i].run(work[i])
+            models[i].run(work[i], clock)
     times: list[list[float]] = [[] for _ in models]
-    for _ in track(_rounds(runs, seconds), label, progress, total=runs, unit="round"):
+    enough = (lambda: stop(times)) if stop else None
+    for _ in track(_rounds(runs, seconds, enough), label, progress, total=runs, unit="round"):
         for i in rng.permutation(active):
-            times[i].append(models[i].run(work[i]))
+            times[i].append(models[i].run(work[i], clock))
     return [np.asarray(t) for t in times]
 
 
