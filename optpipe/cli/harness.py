@@ -68,7 +68,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from optpipe.perf.regress import markdown, parse_tolerance
 
     result = check(args.artifact, args.baseline, tolerance=parse_tolerance(args.tolerance), update=args.update,
-                   seconds=args.seconds, threads=args.threads, progress=args.progress)
+                   seconds=args.seconds, threads=args.threads, measure=args.measure, workload=args.workload,
+                   fail_inconclusive=args.fail_inconclusive, progress=args.progress)
     if result.status != "updated":
         print(markdown(result, args.artifact, args.baseline).replace("### ", "").rstrip())
     else:
@@ -109,7 +110,17 @@ def add_harness_parsers(sub) -> None:
     check.add_argument("--baseline", required=True, metavar="FILE", help="baseline JSON (written by --update)")
     check.add_argument("--tolerance", default="5%", help="slowdown allowed before failing (default 5%%)")
     check.add_argument("--update", action="store_true", help="record ARTIFACT as the new baseline and exit 0")
-    check.add_argument("--seconds", type=float, help="length of the timing run (default: the baseline's, 20)")
+    check.add_argument("--seconds", type=float, help="time budget of the timing run; a clear verdict stops "
+                                                      "earlier (default: the baseline's, 20)")
     check.add_argument("--threads", type=int, help="intra-op threads (default: the baseline's)")
+    check.add_argument("--measure", choices=("auto", "wall", "cpu"),
+                       help="what to time: wall clock, or the calling thread's CPU time (only with --threads 1 on "
+                            "the CPU provider; it leaves out preemption on a busy runner); auto = cpu there, else "
+                            "wall (default: the baseline's, auto)")
+    check.add_argument("--workload", choices=("forward", "prefill", "decode", "encoder"),
+                       help="which workload to gate (decoders: prefill or decode; default: the baseline's, the "
+                            "artifact's first)")
+    check.add_argument("--fail-inconclusive", action="store_true",
+                       help="exit 3 when the noise is too high to judge within the budget (default: exit 0)")
     check.add_argument("--json", metavar="FILE", help="write the verdict as JSON")
     check.add_argument("--markdown", metavar="FILE", help="write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)")

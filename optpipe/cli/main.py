@@ -1,12 +1,13 @@
 """Command line: argument parsing and printing only; every command calls the public API.
 
 Exit codes (one table for every command; README "Errors and exit codes"):
-  0  success; `check`: no regression beyond the tolerance, or the baseline was recorded
+  0  success; `check`: no regression beyond the tolerance, an inconclusive verdict (too noisy to judge within
+     the budget) unless --fail-inconclusive, or the baseline was recorded
   1  bad input: unknown model, target or revision, Hub access, bad option value or file, unwritable output,
      not an artifact, a baseline that cannot judge this artifact
   2  usage error: unknown command or flag, missing argument (argparse's code, as for pip and optimum-cli)
   3  a check failed: validation or graph check (nothing published), `tune` found no candidate in the budget,
-     `check` found a latency regression
+     `check` found a latency regression (or, with --fail-inconclusive, could not judge within the budget)
   4  missing runtime: no ONNX Runtime installed, or the target's execution provider does not start here
   130 interrupted (Ctrl-C); nothing published
 """

@@ -5,6 +5,11 @@ sha256 of that artifact. When the reference is still at hand (same bytes), `chec
 the candidate in the same run: the only fair comparison on a noisy machine, and portable across machines.
 Without it, the candidate is compared with the recorded figures, which is only meaningful on the same machine
 class and cannot cancel drift between the two runs (said in the result).
+
+What is timed (`measure`): wall clock, or with exactly one intra-op thread on the CPU provider, the calling
+thread's CPU time (harness.CLOCKS), which leaves out the time the thread sat preempted on a busy runner. How long:
+rounds run until the verdict is clear or the time budget ends (the sequential rule below), so a clear case
+stops early and a noisy one says "inconclusive" instead of passing silently as "ok".
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,17 +30,42 @@ from optpipe.version import __version__
 from optpipe.artifact import Artifact, sha256_file
 from optpipe.errors import BaselineError, InvalidOptionError
 from optpipe.perf.harness import Measured, interleave, grid_workloads, machine_facts, open_artifact
-from optpipe.perf.stats import RatioEstimate, bootstrap_medians, paired_distribution
+from optpipe.perf.inputs import Workload
+from optpipe.perf.stats import RatioEstimate, bootstrap_medians
 
 FORMAT = 1
 LEVEL = 0.95
-# "a check failed" in the CLI's exit-code table, as for a failed validation (optpipe/cli/main.py)
+# "a check failed" in the CLI's exit-code table, as for a failed validation (optpipe/cli/main.py); also the exit
+# of an inconclusive verdict with fail_inconclusive (--fail-inconclusive)
 REGRESSION_EXIT = 3
+MEASURES = ("auto", "wall", "cpu")
+
+# The sequential rule. Rounds run until the verdict is clear or the budget (`seconds`) ends. Every look at the
+# data is a chance to stop on a fluke, so interim looks are stricter than the final verdict:
+# - an interim look stops only when the 99% interval lies wholly on one side of 1 + tolerance (z = 2.576 on the
+#   log scale, from the bootstrap standard error of the median over INTERIM_RESAMPLES resamples: cheap enough to
+#   repeat, and stable where 0.5% percentiles of a few hundred resamples would rest on one or two values);
+# - looks start after MIN_LOOK_SECONDS and MIN_LOOK_ROUNDS, and come at least LOOK_EVERY_S apart with the rounds
+#   grown by LOOK_GROWTH since the previous look, so their number grows with the logarithm of the budget (about 8
+#   in 20 s, 12 in 60 s at MiniLM's ~35 rounds/s), not linearly;
+# - a stop also needs the final 95% percentile interval (BOOTSTRAP resamples) on the same rounds to agree, so the
+#   reported interval is always the fixed-level one.
+# Pocock's group-sequential boundary for 10 looks at an overall one-sided 2.5% is a nominal 0.53% per look, about
+# the 0.5% one-sided tail of a 99% interval: the interim looks together err about as often as one fixed-length
+# 95% interval does, at a true slowdown exactly at the tolerance. The final look at the budget's end adds at most
+# its own 2.5% there. Well inside the tolerance (A/A) or well beyond it, both are far smaller; the study
+# (bench/gate_study.py) measures the rates.
+MIN_LOOK_SECONDS = 3.0
+MIN_LOOK_ROUNDS = 60
+LOOK_EVERY_S = 1.5
+LOOK_GROWTH = 1.25
+INTERIM_Z = 2.576  # two-sided 99%
+INTERIM_RESAMPLES = 400
 
 
 @dataclass(frozen=True)
 class CheckResult:
-    """The verdict: status ok | regression | updated, with the exit code the CLI returns."""
+    """The verdict: status ok | regression | inconclusive | updated, with the exit code the CLI returns."""
 
     status: str
     exit_code: int
@@ -41,11 +73,20 @@ class CheckResult:
     tolerance: float
     ratio: RatioEstimate | None
     probability: float | None  # bootstrap probability that the slowdown exceeds the tolerance
-    candidate_ms: float
+    candidate_ms: float  # median, on `measure`'s clock
     reference_ms: float | None
     message: str
     notes: tuple[str, ...] = ()
     settings: dict[str, Any] = field(default_factory=dict)
+    measure: str = "wall"  # what was timed: "wall" (perf_counter) | "cpu" (the calling thread's CPU time)
+    workload: str = ""  # forward | prefill | decode | encoder (optpipe.perf.inputs)
+    rounds: int = 0  # interleaved rounds (recorded mode: runs of the candidate)
+    seconds: float = 0.0  # wall seconds the timing took, warm-up and interim looks included
+    budget_s: float = 0.0  # the most it could have taken (--seconds)
+    stopped_early: bool = False  # the verdict was clear before the budget ended
+    looks: int = 0  # interim looks at the data
+    noise_sd: float | None = None  # standard deviation of the per-round log ratio (~ relative noise of one pair)
+    halfwidth: float | None = None  # half the width of the 95% interval of the ratio
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,28 +132,67 @@ def machine_class(facts: dict[str, Any]) -> tuple:
     return facts.get("cpu"), facts.get("cores"), facts.get("threads")
 
 
-def _measure_alone(model: Measured, batch: int, seq: int, seconds: float) -> tuple[str, np.ndarray]:
-    work = grid_workloads([model], batch, seq)[0][0]
-    return work.name, interleave([model], [work], 5, None, seconds, np.random.default_rng(0))[0]
+def resolve_measure(measure: str | None, threads: int | None,
+                    providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> tuple[str, str | None]:
+    """The clock to time on ("wall" | "cpu") for the `measure` asked (auto | wall | cpu; None = auto), and why it
+    differs from what was asked. CPU time counts the work only when ONNX Runtime computes on the calling thread:
+    the CPU provider with exactly one intra-op thread. `auto` is "cpu" there and "wall" elsewhere."""
+    measure = measure or "auto"
+    if measure not in MEASURES:
+        raise InvalidOptionError(f"--measure {measure!r}: one of {', '.join(MEASURES)}")
+    if measure == "wall":
+        return "wall", None
+    on_cpu = bool(providers) and providers[0] == "CPUExecutionProvider"
+    if threads == 1 and on_cpu:
+        return "cpu", None
+    if measure == "auto":
+        return "wall", None
+    why = (f"threads {threads}" if threads else "threads unset (ONNX Runtime's default pool)") if on_cpu else \
+        f"provider {providers[0] if providers else '?'}"
+    return "wall", (f"measure cpu needs the CPU provider with exactly 1 intra-op thread (ONNX Runtime then computes "
+                    f"on the calling thread); {why}: timed on the wall clock instead")
+
+
+def _pick(works: list[Workload], name: str | None) -> Workload:
+    """The workload called `name` (None: the first: forward, or prefill for decoders)."""
+    if name is None:
+        return works[0]
+    found = next((w for w in works if w.name == name), None)
+    if found is None:
+        raise InvalidOptionError(f"--workload {name!r}: this artifact has {', '.join(w.name for w in works)}")
+    return found
+
+
+def _measure_alone(model: Measured, batch: int, seq: int, seconds: float, clock: str = "wall",
+                   workload: str | None = None, stop: Callable | None = None,
+                   progress: Callable | None = None) -> tuple[str, np.ndarray]:
+    work = _pick(grid_workloads([model], batch, seq)[0], workload)
+    return work.name, interleave([model], [work], 5, None, seconds, np.random.default_rng(0), progress,
+                                 "rounds", clock, stop)[0]
 
 
 def record_baseline(artifact_dir: str | Path, baseline: str | Path, *, batch: int = 1, seq: int = 128,
-                    threads: int | None = None, seconds: float = 20.0, measured: Measured | None = None) -> dict:
-    """Measure the artifact and write it as the baseline's reference (path relative to the baseline file)."""
+                    threads: int | None = None, seconds: float = 20.0, measured: Measured | None = None,
+                    measure: str | None = None, workload: str | None = None) -> dict:
+    """Measure the artifact and write it as the baseline's reference (path relative to the baseline file).
+    settings.measure keeps what was asked (the default of later checks); figures.measure the clock used."""
     baseline = Path(baseline)
     model = measured or open_artifact(artifact_dir, threads)
-    workload, times = _measure_alone(model, batch, seq, seconds)
+    clock, _ = resolve_measure(measure, threads, model.providers)
+    workload, times = _measure_alone(model, batch, seq, seconds, clock, workload)
     ms = times * 1e3
     data = {
         "format": FORMAT, "optpipe_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_facts(threads),
-        "settings": {"batch": batch, "seq": seq, "threads": threads, "seconds": seconds, "workload": workload},
+        "settings": {"batch": batch, "seq": seq, "threads": threads, "seconds": seconds, "workload": workload,
+                     "measure": measure or "auto"},
         "reference": {"path": os.path.relpath(Path(artifact_dir).resolve(), baseline.resolve().parent),
                       "sha256": fingerprint(artifact_dir), "target": model.target},
         "figures": {"p50_ms": round(float(np.median(ms)), 4), "p90_ms": round(float(np.percentile(ms, 90)), 4),
                     "p99_ms": round(float(np.percentile(ms, 99)), 4),
-                    "sequences_per_s": round(batch * 1e3 / float(np.median(ms)), 2), "runs": len(ms)},
+                    "sequences_per_s": round(batch * 1e3 / float(np.median(ms)), 2), "runs": len(ms),
+                    "measure": clock},
     }
     baseline.parent.mkdir(parents=True, exist_ok=True)
     tmp = baseline.with_name(f".{baseline.name}.tmp")
@@ -138,20 +218,60 @@ def _reference_at_hand(data: dict[str, Any], baseline: Path) -> tuple[Path | Non
     return path, None
 
 
+class _Looks:
+    """The sequential rule (see MIN_LOOK_SECONDS) as interleave's `stop`: looks at the rounds so far and says
+    stop once the verdict is clear. `logs(times)` turns interleave's times into per-round log ratios."""
+
+    def __init__(self, logs: Callable[[list[list[float]]], np.ndarray], tolerance: float):
+        self.logs, self.limit = logs, math.log1p(tolerance)
+        self.tolerance = tolerance
+        self.started = self.last = time.perf_counter()
+        self.last_rounds = 0
+        self.looks = 0
+        self.stopped = False
+
+    def __call__(self, times: list[list[float]]) -> bool:
+        now, rounds = time.perf_counter(), len(times[-1])
+        if (now - self.started < MIN_LOOK_SECONDS or rounds < MIN_LOOK_ROUNDS or now - self.last < LOOK_EVERY_S
+                or rounds < LOOK_GROWTH * self.last_rounds):
+            return False
+        self.looks += 1
+        logs = self.logs(times)
+        center = float(np.median(logs))
+        spread = INTERIM_Z * float(np.std(bootstrap_medians(logs, INTERIM_RESAMPLES, seed=self.looks), ddof=1))
+        clear = center - spread > self.limit or center + spread < self.limit
+        if clear:  # the reported verdict is the final 95% one: stop only when it agrees
+            clear = _verdict(*_distribution(logs), len(logs), self.tolerance)[2] != "inconclusive"
+        self.last, self.last_rounds = time.perf_counter(), rounds
+        self.stopped = clear
+        return clear
+
+
+def _distribution(logs: np.ndarray) -> tuple[float, np.ndarray]:
+    """Point estimate (median ratio) and the moving-block bootstrap samples of it, as ratios."""
+    return float(np.exp(np.median(logs))), np.exp(bootstrap_medians(logs))
+
+
 def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05, update: bool = False,
-          seconds: float | None = None, threads: int | None = None,
+          seconds: float | None = None, threads: int | None = None, measure: str | None = None,
+          workload: str | None = None, fail_inconclusive: bool = False,
           progress: Callable[[str], None] | None = None) -> CheckResult:
     """Is `artifact` slower than the baseline by more than `tolerance`? Regression only when the whole 95%
-    interval of the latency ratio lies beyond 1 + tolerance. Raises BaselineError (exit 1) when it cannot judge."""
+    interval of the latency ratio lies beyond 1 + tolerance; ok when it lies wholly below; inconclusive when it
+    straddles the limit at the end of the budget (exit 0, or 3 with `fail_inconclusive`). `seconds` is the budget:
+    a clear verdict stops earlier. `measure` (auto | wall | cpu), `threads`, `seconds` and `workload` default to
+    the baseline's settings. Raises BaselineError (exit 1) when it cannot judge."""
     baseline = Path(baseline)
     say = progress or (lambda _: None)
     if update:
-        return _update(artifact, baseline, tolerance, seconds, threads)
+        return _update(artifact, baseline, tolerance, seconds, threads, measure, workload)
     data = load_baseline(baseline)
     settings = data["settings"]
     threads = threads if threads is not None else settings.get("threads")
     batch, seq = settings["batch"], settings["seq"]
     seconds = seconds or settings.get("seconds", 20.0)
+    asked = measure or settings.get("measure") or "auto"
+    workload = workload or settings.get("workload")
     here = machine_facts(threads)
     notes = []
     same_machine = machine_class(here) == machine_class(data["machine"])
@@ -163,49 +283,75 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
         notes.append(f"onnxruntime {data['machine'].get('onnxruntime')} at recording, {here['onnxruntime']} now")
     reference, why_not = _reference_at_hand(data, baseline)
     candidate = open_artifact(artifact, threads)  # ArtifactError (exit 1) / ProviderUnavailableError (exit 4) first
-    run = {"batch": batch, "seq": seq, "threads": threads, "seconds": seconds}
+    clock, fallback = resolve_measure(asked, threads, candidate.providers)
+    if fallback:
+        notes.append(fallback)
     if reference is not None:
-        say(f"timing {artifact} interleaved with the reference {reference} ({seconds:g}s) ...")
+        say(f"timing {artifact} interleaved with the reference {reference} ({clock} clock, up to {seconds:g}s) ...")
         ref_model = open_artifact(reference, threads)
         works = grid_workloads([ref_model, candidate], batch, seq)
-        work = [works[0][0], next((w for w in works[1] if w.name == works[0][0].name), works[1][0])]
+        work = [_pick(works[0], workload)]
+        work.append(next((w for w in works[1] if w.name == work[0].name), works[1][0]))
+        looks = _Looks(lambda t: np.log(t[1]) - np.log(t[0]), tolerance)
+        started = time.perf_counter()
         ref_t, cand_t = interleave([ref_model, candidate], work, 5, None, seconds, np.random.default_rng(0),
-                                   progress, "interleaved rounds")
-        estimate, samples = paired_distribution(ref_t, cand_t)
-        mode, ref_ms = "interleaved", float(np.median(ref_t) * 1e3)
+                                   progress, "interleaved rounds", clock, looks)
+        logs = np.log(cand_t) - np.log(ref_t)
+        mode, ref_ms, name = "interleaved", float(np.median(ref_t) * 1e3), work[1].name
     else:
         notes.append(f"{why_not}: compared with the recorded figures, which cannot cancel drift between runs")
         if not same_machine:
             raise BaselineError(f"cannot judge: {why_not}, and the baseline was recorded on another machine class "
                                 f"({notes[0]}); keep the reference artifact at hand or re-record with --update")
-        say(f"timing {artifact} against the recorded figures ({seconds:g}s) ...")
-        _, cand_t = _measure_alone(candidate, batch, seq, seconds)
+        recorded = data["figures"].get("measure", "wall")  # baselines before the measure setting: wall clock
+        if clock != recorded:
+            notes.append(f"the recorded figures are {recorded} time; timed on that clock to compare like with like "
+                         f"(not {clock})")
+            clock = recorded
+        say(f"timing {artifact} against the recorded figures ({clock} clock, up to {seconds:g}s) ...")
         ref_ms = float(data["figures"]["p50_ms"])
+        looks = _Looks(lambda t: np.log(np.asarray(t[0]) * 1e3 / ref_ms), tolerance)
+        started = time.perf_counter()
+        name, cand_t = _measure_alone(candidate, batch, seq, seconds, clock, workload, looks, progress)
         logs = np.log(cand_t * 1e3 / ref_ms)
-        estimate, samples = float(np.exp(np.median(logs))), np.exp(bootstrap_medians(logs))
         mode = "recorded"
-    ratio, probability, status, code, message = _verdict(estimate, samples, len(cand_t), tolerance)
+    spent = time.perf_counter() - started
+    estimate, samples = _distribution(logs)
+    ratio, probability, status, code, message = _verdict(estimate, samples, len(logs), tolerance, fail_inconclusive,
+                                                          seconds)
+    if looks.stopped:
+        message += f" (clear after {spent:.1f}s of the {seconds:g}s budget)"
     cand_ms = float(np.median(cand_t) * 1e3)
+    run = {"batch": batch, "seq": seq, "threads": threads, "seconds": seconds, "measure": asked, "workload": name}
     return CheckResult(status, code, mode, tolerance, ratio, round(probability, 4), round(cand_ms, 4),
-                       round(ref_ms, 4), message, tuple(notes), run)
+                       round(ref_ms, 4), message, tuple(notes), run, clock, name, len(logs), round(spent, 2),
+                       float(seconds), looks.stopped, looks.looks,
+                       round(float(np.std(logs, ddof=1)), 5), round((ratio.high - ratio.low) / 2, 5))
 
 
 def _update(artifact: str | Path, baseline: Path, tolerance: float, seconds: float | None,
-            threads: int | None) -> CheckResult:
+            threads: int | None, measure: str | None, workload: str | None) -> CheckResult:
     """`check --update`: re-record the baseline with the settings it had (or the defaults)."""
     settings = load_baseline(baseline).get("settings", {}) if baseline.is_file() else {}
     threads = threads if threads is not None else settings.get("threads")
+    measure = measure or settings.get("measure") or "auto"
+    model = open_artifact(artifact, threads)
+    clock, fallback = resolve_measure(measure, threads, model.providers)
     data = record_baseline(artifact, baseline, batch=settings.get("batch", 1), seq=settings.get("seq", 128),
-                           threads=threads, seconds=seconds or settings.get("seconds", 20.0))
+                           threads=threads, seconds=seconds or settings.get("seconds", 20.0), measured=model,
+                           measure=measure, workload=workload or settings.get("workload"))
     fig = data["figures"]
     return CheckResult("updated", 0, "recorded", tolerance, None, None, fig["p50_ms"], None,
                        f"baseline {baseline} updated: reference {data['reference']['path']}, "
-                       f"p50 {fig['p50_ms']:.3f} ms", settings=data["settings"])
+                       f"{data['settings']['workload']} p50 {fig['p50_ms']:.3f} ms ({clock} clock)",
+                       (fallback,) if fallback else (), data["settings"], clock, data["settings"]["workload"],
+                       fig["runs"], budget_s=float(data["settings"]["seconds"]))
 
 
-def _verdict(estimate: float, samples: np.ndarray, rounds: int, tolerance: float):
+def _verdict(estimate: float, samples: np.ndarray, rounds: int, tolerance: float, fail_inconclusive: bool = False,
+             budget: float | None = None):
     """(ratio with its interval, P(slowdown > tolerance), status, exit code, message): a regression only when the
-    whole interval lies above 1 + tolerance."""
+    whole interval lies above 1 + tolerance, ok when it lies wholly below, inconclusive when it straddles."""
     limit = 1.0 + tolerance
     tail = (1 - LEVEL) / 2 * 100
     low, high = (float(v) for v in np.percentile(samples, [tail, 100 - tail]))
@@ -217,14 +363,20 @@ def _verdict(estimate: float, samples: np.ndarray, rounds: int, tolerance: float
         message = (f"REGRESSION: {(ratio.ratio - 1) * 100:+.1f}% latency, ratio {interval} lies wholly above "
                    f"the {tolerance:.1%} tolerance (probability {probability:.1%} that the slowdown exceeds it)")
     elif ratio.high > limit:
-        status, code = "ok", 0
-        message = (f"ok, inconclusive: ratio {interval} straddles the {tolerance:.1%} tolerance (probability "
-                   f"{probability:.1%} that the slowdown exceeds it); not flagged, run longer to decide")
+        status, code = "inconclusive", REGRESSION_EXIT if fail_inconclusive else 0
+        within = f" within {budget:g}s" if budget else ""
+        message = (f"inconclusive: ratio {interval} straddles the {tolerance:.1%} tolerance (probability "
+                   f"{probability:.1%} that the slowdown exceeds it); noise too high to judge{within}; rerun on a "
+                   f"quieter runner or raise --seconds"
+                   + (" (failing: --fail-inconclusive)" if fail_inconclusive else " (not failing the job)"))
     else:
         status, code = "ok", 0
         message = (f"ok: no regression beyond {tolerance:.1%}: ratio {interval} (probability "
                    f"{probability:.1%} that the slowdown exceeds it)")
     return ratio, probability, status, code, message
+
+
+_CLOCK_NAMES = {"wall": "wall clock", "cpu": "CPU time of the calling thread"}
 
 
 def markdown(result: CheckResult, artifact: str, baseline: str) -> str:
@@ -234,9 +386,16 @@ def markdown(result: CheckResult, artifact: str, baseline: str) -> str:
     ref = f"{result.reference_ms:.3f}" if result.reference_ms is not None else "-"
     prob = f"{result.probability:.1%}" if result.probability is not None else "-"
     lines = [f"### optpipe check: {result.status}", "",
-             "| artifact | baseline | mode | reference p50 ms | candidate p50 ms | ratio [95% CI] | tolerance "
-             "| P(slowdown > tolerance) |", "| --- | --- | --- | --- | --- | --- | --- | --- |",
-             f"| {artifact} | {baseline} | {result.mode} | {ref} | {result.candidate_ms:.3f} | {ratio} | "
-             f"{result.tolerance:.1%} | {prob} |", "", result.message]
+             "| artifact | baseline | mode | measure | reference p50 ms | candidate p50 ms | ratio [95% CI] | "
+             "tolerance | P(slowdown > tolerance) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+             f"| {artifact} | {baseline} | {result.mode} | {result.measure} | {ref} | {result.candidate_ms:.3f} | "
+             f"{ratio} | {result.tolerance:.1%} | {prob} |", "", result.message]
+    if r is not None:
+        stop = "stopped early: the verdict was clear" if result.stopped_early else "ran the whole budget"
+        noise = (f"per-round log-ratio sd {result.noise_sd:.3f}, interval ±{result.halfwidth:.2%}"
+                 if result.noise_sd is not None and result.halfwidth is not None else "-")
+        lines += ["", f"- timing: {_CLOCK_NAMES.get(result.measure, result.measure)}, {result.workload or '?'} "
+                      f"workload, {result.rounds} rounds in {result.seconds:.1f}s of a {result.budget_s:g}s budget "
+                      f"({stop}, {result.looks} interim looks)", f"- noise: {noise}"]
     lines += [f"- {note}" for note in result.notes]
     return "\n".join(lines) + "\n"
