@@ -43,7 +43,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VE
                "NUMEXPR_NUM_THREADS")
 
 
-def _cores() -> int:
+def cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -81,7 +81,7 @@ def worker(seconds: float | None = None, parent: int | None = None) -> int:
 
 def start(n: int | None = None) -> list[subprocess.Popen]:
     """Start `n` worker processes (default one per core), each single-threaded."""
-    n = _cores() if n is None else n
+    n = cores() if n is None else n
     env = {**os.environ, **{var: "1" for var in THREAD_VARS}}
     return [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "--parent", str(os.getpid())],
                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -124,7 +124,7 @@ def neighbours(n: int | None = None, settle: float = 1.0) -> Iterator[list[subpr
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=None, help=f"processes (default one per core: {_cores()})")
+    parser.add_argument("--workers", type=int, default=None, help=f"processes (default one per core: {cores()})")
     parser.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until killed)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one worker, in this process
     parser.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args.seconds, args.parent)
         return 0
-    n = _cores() if args.workers is None else args.workers
+    n = cores() if args.workers is None else args.workers
     print(f"{n} neighbour worker(s): {ARRAY_MB} MB copies and {MATMUL}x{MATMUL} matmuls, single-threaded; "
           f"{'for %gs' % args.seconds if args.seconds else 'Ctrl-C to stop'}", flush=True)
     with contextlib.suppress(KeyboardInterrupt), neighbours(n, settle=0.0) as procs:
