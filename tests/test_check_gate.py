@@ -142,6 +142,7 @@ def test_decoder_decode_workload_on_cpu_time(arch_dirs, tmp_path):
     assert same.workload == "decode" and same.measure == "cpu" and same.status != "regression"
     worse = check(slow, path, tolerance=0.25, seconds=10)
     assert worse.workload == "decode" and worse.measure == "cpu" and worse.status == "regression"
+    assert "tokens/s on this clock" in regress.markdown(worse, str(slow), str(path))
     assert check(art, path, tolerance=0.25, seconds=0.5, workload="prefill").workload == "prefill"
     with pytest.raises(InvalidOptionError, match="prefill, decode"):
         check(art, path, seconds=0.5, workload="forward")

@@ -397,5 +397,10 @@ def markdown(result: CheckResult, artifact: str, baseline: str) -> str:
         lines += ["", f"- timing: {_CLOCK_NAMES.get(result.measure, result.measure)}, {result.workload or '?'} "
                       f"workload, {result.rounds} rounds in {result.seconds:.1f}s of a {result.budget_s:g}s budget "
                       f"({stop}, {result.looks} interim looks)", f"- noise: {noise}"]
+        if result.workload == "decode" and result.candidate_ms > 0:  # one new token per sequence per step
+            batch = result.settings.get("batch", 1)
+            ref = f", reference {batch * 1e3 / result.reference_ms:.1f}" if result.reference_ms else ""
+            lines.append(f"- decode: candidate {batch * 1e3 / result.candidate_ms:.1f} tokens/s on this clock{ref} "
+                         f"(the latency ratio is the inverse of the tokens/s ratio)")
     lines += [f"- {note}" for note in result.notes]
     return "\n".join(lines) + "\n"
