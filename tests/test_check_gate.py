@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
-from optpipe.errors import InvalidOptionError
+from optpipe.errors import BaselineError, InvalidOptionError
 from optpipe.perf import regress
 from optpipe.perf.regress import check, load_baseline, resolve_measure
 from optpipe.perf.slowdown import slowed_copy
@@ -123,6 +123,8 @@ def test_recorded_figures_are_compared_on_their_own_clock(artifacts, tmp_path):
     result = check(artifacts[0], path, tolerance=0.25, seconds=0.5, measure="cpu")
     assert result.mode == "recorded" and result.measure == "wall"
     assert any("recorded figures are wall time" in note for note in result.notes)
+    with pytest.raises(BaselineError, match="recorded figures are of the forward workload, not decode"):
+        check(artifacts[0], path, seconds=0.5, workload="decode")
     del data["figures"]["measure"], data["settings"]["measure"]  # a baseline from before the measure setting
     path.write_text(json.dumps(data))
     assert check(artifacts[0], path, tolerance=0.25, seconds=0.5).measure == "wall"

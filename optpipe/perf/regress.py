@@ -303,6 +303,10 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
         if not same_machine:
             raise BaselineError(f"cannot judge: {why_not}, and the baseline was recorded on another machine class "
                                 f"({notes[0]}); keep the reference artifact at hand or re-record with --update")
+        if workload and settings.get("workload") and workload != settings["workload"]:
+            raise BaselineError(f"cannot judge: {why_not}, and the recorded figures are of the "
+                                f"{settings['workload']} workload, not {workload}; keep the reference artifact at "
+                                f"hand or re-record with --update --workload {workload}")
         recorded = data["figures"].get("measure", "wall")  # baselines before the measure setting: wall clock
         if clock != recorded:
             notes.append(f"the recorded figures are {recorded} time; timed on that clock to compare like with like "
