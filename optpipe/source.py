@@ -85,6 +85,23 @@ def load_tokenizer(path: str | Path, **kwargs):
     return tokenizer
 
 
+def model_inputs(model, encoded) -> dict:
+    """The entries of a tokenizer's output that `model.forward` takes (every entry when it takes **kwargs), numpy
+    arrays turned into torch tensors. A BERT tokenizer saved beside DistilBERT weights emits token_type_ids, which
+    DistilBERT's forward has no parameter for."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters.values()
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    names = {p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+    kept = {k: v for k, v in encoded.items() if takes_all or k in names}
+    if any(not hasattr(v, "dim") for v in kept.values()):
+        import torch
+
+        kept = {k: v if hasattr(v, "dim") else torch.as_tensor(v) for k, v in kept.items()}
+    return kept
+
+
 def hash_directory(path: Path) -> str:
     """sha256 over every file's relative path and bytes, in sorted order."""
     digest = hashlib.sha256()

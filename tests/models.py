@@ -58,11 +58,12 @@ def _special_ids(tokenizer) -> dict[str, int]:
             "eos_token_id": tokenizer.sep_token_id}
 
 
-def _encoder(path: Path, config_cls: str, base: str, seq: str, tok: str, head: str, seed: int, **kwargs) -> Path:
+def _encoder(path: Path, config_cls: str, base: str, seq: str, tok: str, head: str, seed: int,
+             segment_ids: bool = False, **kwargs) -> Path:
     import transformers
 
     torch.manual_seed(seed)
-    tokenizer = bert_tokenizer(segment_ids=False)
+    tokenizer = bert_tokenizer(segment_ids=segment_ids)
     config = getattr(transformers, config_cls)(vocab_size=tokenizer.vocab_size, num_labels=3, **kwargs)
     cls = {"base": base, "sequence-classification": seq, "token-classification": tok}[head]
     model = getattr(transformers, cls)(config)
@@ -70,11 +71,12 @@ def _encoder(path: Path, config_cls: str, base: str, seq: str, tok: str, head: s
     return _save(model, tokenizer, path)
 
 
-def tiny_distilbert(path: Path, head: str = "base", seed: int = 0) -> Path:
-    """A 2-layer DistilBERT (dim 64, 4 heads)."""
+def tiny_distilbert(path: Path, head: str = "base", seed: int = 0, segment_ids: bool = False) -> Path:
+    """A 2-layer DistilBERT (dim 64, 4 heads). segment_ids=True saves it with a tokenizer that emits token_type_ids
+    (a BERT tokenizer saved beside DistilBERT weights, common on the Hub), which its forward does not take."""
     return _encoder(path, "DistilBertConfig", "DistilBertModel", "DistilBertForSequenceClassification",
-                    "DistilBertForTokenClassification", head, seed, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
-                    max_position_embeddings=256, pad_token_id=0)
+                    "DistilBertForTokenClassification", head, seed, segment_ids, dim=64, n_layers=2, n_heads=4,
+                    hidden_dim=128, max_position_embeddings=256, pad_token_id=0)
 
 
 def tiny_roberta(path: Path, head: str = "base", seed: int = 0) -> Path:

@@ -11,7 +11,7 @@ import numpy as np
 from optpipe.data.calibration import jsonl_records
 from optpipe.errors import EvalDataError, UnsupportedModelError
 from optpipe.pipeline import ModelFiles
-from optpipe.source import load_tokenizer, ModelSource
+from optpipe.source import load_tokenizer, model_inputs, ModelSource
 
 # The fidelity metric per task that `validate` computes, higher is better, 1.0 = identical to PyTorch.
 FIDELITY_METRICS = ("mean_cosine", "top1_agreement", "next_token_agreement")
@@ -105,7 +105,7 @@ def accuracy_scorer(source: ModelSource, eval_file: str | Path) -> Scorer:
                          return_tensors="np") for i in range(0, len(texts), BATCH)]
     model = AutoModelForSequenceClassification.from_pretrained(source.path).eval()
     with torch.no_grad():
-        reference = np.concatenate([model(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.numpy()
+        reference = np.concatenate([model(**model_inputs(model, enc)).logits.numpy()
                                     for enc in encoded])
     baseline = float((reference.argmax(-1) == labels).mean())
     if baseline == 0.0:

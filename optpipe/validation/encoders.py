@@ -14,7 +14,7 @@ from optpipe.validation.graph_checks import check_graph, cpu_run_errors
 from optpipe.pipeline import ModelFiles
 from optpipe.passbase import track
 from optpipe.session import create_session, provider_works
-from optpipe.source import load_tokenizer, ModelSource
+from optpipe.source import load_tokenizer, model_inputs, ModelSource
 from optpipe.data.texts import validation_texts
 from optpipe.validation.generation import text2text_generation, text_generation
 
@@ -89,7 +89,7 @@ def feature_extraction(run: Runner) -> dict[str, float]:
     for batch in track(list(_batches(run.texts)), "validating", run.progress, unit="batch"):
         enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
         with torch.no_grad():
-            ref = model(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state.numpy()
+            ref = model(**model_inputs(model, enc)).last_hidden_state.numpy()
         out = session.run(None, _feed(session, enc))[0]
         mask = enc["attention_mask"][..., None].astype(np.float32)
         pooled_ref = (ref * mask).sum(1) / mask.sum(1)
@@ -113,7 +113,7 @@ def _classification(run: Runner, per_token: bool) -> dict[str, float]:
     for batch in track(list(_batches(run.texts)), "validating", run.progress, unit="batch"):
         enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
         with torch.no_grad():
-            ref = model(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.numpy()
+            ref = model(**model_inputs(model, enc)).logits.numpy()
         out = session.run(["logits"], _feed(session, enc))[0]
         # per text, every row counts; per token, only real (non-pad) tokens do
         keep = enc["attention_mask"].astype(bool) if per_token else np.ones(len(batch), dtype=bool)

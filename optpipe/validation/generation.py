@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from optpipe.passbase import track
-from optpipe.source import load_tokenizer
+from optpipe.source import load_tokenizer, model_inputs
 
 log = logging.getLogger("optpipe.validation.encoders")
 
@@ -95,6 +95,7 @@ def _compare(run, model, ort_model, tokenizer, forward_inputs, prompt_args: dict
         enc = tokenizer(batch, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt",
                         return_token_type_ids=False)
         inputs, mask, labels = forward_inputs(enc)
+        inputs = model_inputs(model, inputs)
         with torch.no_grad():
             ref = model(**inputs).logits.numpy()
             out = ort_model(**inputs).logits.numpy()
