@@ -3,6 +3,10 @@
 Encoders get one workload, "forward". Decoders with a KV cache are two workloads with different costs:
 "prefill" (the whole prompt, empty cache) and "decode" (one new token against a cache of `seq` tokens).
 Seq2seq artifacts add "encoder" for the encoder component.
+
+Token inputs are windows of the built-in texts padded to a fixed `seq`, or, with seq REAL_SEQ (0, "real" on the
+command line), a batch of held-out sentences at their own token lengths, padded to the longest of the batch as a
+serving system batches them: the workload keeps its name, its `seq` is that padded length and its label "real".
 """
 
 from __future__ import annotations
@@ -24,13 +28,57 @@ _INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 _FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
+# A `seq` that asks for real sentence lengths (real_batch) instead of a fixed padded length.
+REAL_SEQ = 0
+REAL = "real"
+# Real texts are truncated as a tokenizer with truncation=True would be, at most to this many tokens.
+REAL_MAX_LENGTH = 512
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str  # forward | prefill | decode | encoder
     component: str
     batch: int
-    seq: int
+    seq: int  # the padded length fed (for a real-length batch: its longest text)
     feed: dict[str, np.ndarray]
+    label: str = ""  # "real": held-out texts at their own lengths; "real-approx": lengths without a tokenizer
+    lengths: tuple[int, ...] = ()  # real-length batches: each row's token count before padding
+
+
+def seq_value(value: int | str) -> int:
+    """A sequence length as a caller, a target's [harness] table or the command line gives it: a whole number >= 1,
+    or real lengths as the string "real" or the int REAL_SEQ (in text, "0" stays an error, as it always was)."""
+    from optpipe.errors import InvalidOptionError
+
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value == REAL_SEQ:
+        return REAL_SEQ
+    text = str(value).strip().lower()
+    if text == REAL:
+        return REAL_SEQ
+    try:
+        seq = int(text)
+    except ValueError:
+        seq = 0
+    if seq < 1:
+        raise InvalidOptionError(f"sequence length {value!r}: give a whole number >= 1, or 'real' for held-out "
+                                 "sentences at their own lengths")
+    return seq
+
+
+def parse_seqs(text: str) -> list[int]:
+    """`--seq 16,128,real` -> [16, 128, REAL_SEQ]."""
+    from optpipe.errors import InvalidOptionError
+
+    values = [seq_value(v) for v in str(text).split(",") if v.strip()]
+    if not values:
+        raise InvalidOptionError(f"{text!r}: give sequence lengths, comma-separated (e.g. 128,real)")
+    return values
+
+
+def seq_name(seq: int | str) -> str:
+    """How a requested seq reads in progress lines and settings: "128", or "real"."""
+    return REAL if seq_value(seq) == REAL_SEQ else str(seq)
 
 
 @functools.lru_cache(maxsize=16)
@@ -60,6 +108,54 @@ def token_stream(model_dir: str) -> np.ndarray:
     except (OSError, ValueError):
         pass
     return np.random.default_rng(0).integers(1000, max(vocab, 1001), size=4096, dtype=np.int64)
+
+
+def real_texts() -> tuple[str, ...]:
+    """The held-out texts (never calibrated, validated or trained on); the validation texts if there are none."""
+    from optpipe.data.texts import heldout_texts, validation_texts
+
+    try:
+        texts = heldout_texts()
+    except (OSError, ValueError) as exc:  # a trimmed install without the held-out file
+        log.debug("no held-out texts (%s): real lengths from the validation texts", exc)
+        texts = ()
+    return texts or validation_texts()
+
+
+def real_pick(texts: tuple[str, ...] | list[str], batch: int) -> list[int]:
+    """Indices of `batch` texts whose lengths spread as the whole set's do: with the texts ordered by length in
+    characters, the ones at the quantiles (i + 0.5) / batch, so batch 1 is the median text and a larger batch holds
+    short and long texts in the set's proportions (and its longest, which sets the padding, near the top quantile,
+    as a random batch's is). Characters, not tokens: every artifact of a comparison gets the same texts whatever its
+    tokenizer. The picked indices are returned in the set's order (arrival order); a batch larger than the set
+    repeats texts."""
+    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+    return sorted(order[int((i + 0.5) * len(order) / batch)] for i in range(batch))
+
+
+@functools.lru_cache(maxsize=16)
+def real_batch(model_dir: str, batch: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(input_ids, attention_mask, label): real_pick's texts through the artifact's own tokenizer (truncated to
+    REAL_MAX_LENGTH or the tokenizer's model_max_length, padded to the longest, on the tokenizer's padding side),
+    exactly what `tokenizer(texts, padding=True, truncation=True, max_length=...)` returns. Label "real"; without
+    a tokenizer, "real-approx": random vocabulary ids at word-count lengths (words * 4/3 + 2)."""
+    texts = real_texts()
+    picked = [texts[i] for i in real_pick(texts, batch)]
+    try:
+        tokenizer = load_tokenizer(model_dir)
+        limit = min(REAL_MAX_LENGTH, int(tokenizer.model_max_length or REAL_MAX_LENGTH))
+        enc = tokenizer(picked, padding=True, truncation=True, max_length=limit, return_tensors="np")
+        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64), REAL
+    except Exception as exc:  # no tokenizer files (e.g. a bare .onnx anchor)
+        log.debug("no tokenizer in %s (%s): real lengths approximated from word counts", model_dir, exc)
+    lengths = [min(REAL_MAX_LENGTH, len(text.split()) * 4 // 3 + 2) for text in picked]
+    stream = token_stream(model_dir)
+    ids = np.zeros((batch, max(lengths)), np.int64)
+    mask = np.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = np.resize(stream[row * 7:], length)
+        mask[row, :length] = 1
+    return ids, mask, "real-approx"
 
 
 def text_batch(stream: np.ndarray, batch: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,25 +225,35 @@ def _has_past(session) -> bool:
     return any(i.name.startswith("past_key_values") for i in session.get_inputs())
 
 
-def workloads(model_path: Path, sessions: dict[str, Any], batch: int, seq: int) -> list[Workload]:
-    """The workloads of one artifact (or bare .onnx) at (batch, seq), in a stable order."""
+def workloads(model_path: Path, sessions: dict[str, Any], batch: int, seq: int | str) -> list[Workload]:
+    """The workloads of one artifact (or bare .onnx) at (batch, seq), in a stable order. seq REAL_SEQ (or "real"):
+    real_batch's held-out texts at their own lengths; every workload's seq is then the batch's padded length."""
+    model_path = Path(model_path)
     model_dir = model_path if model_path.is_dir() else model_path.parent
-    stream = token_stream(str(model_dir))
-    ids, mask = text_batch(stream, batch, seq)
+    label, lengths = "", ()
+    if seq_value(seq) == REAL_SEQ:
+        ids, mask, label = real_batch(str(model_dir), batch)
+        seq, lengths = ids.shape[1], tuple(int(n) for n in mask.sum(1))
+    else:
+        ids, mask = text_batch(token_stream(str(model_dir)), batch, seq)
     rng = np.random.default_rng(0)
     one_ids, one_mask = ids[:, -1:].copy(), np.ones((batch, 1), np.int64)
     out: list[Workload] = []
+
+    def add(name: str, component: str, feed: dict[str, np.ndarray]) -> None:
+        out.append(Workload(name, component, batch, seq, feed, label, lengths))
+
     for component, session in sessions.items():
         if component.startswith("encoder"):
-            out.append(Workload("encoder", component, batch, seq, feed_for(session, ids, mask, 0, seq, rng)))
+            add("encoder", component, feed_for(session, ids, mask, 0, seq, rng))
         elif component == "decoder_with_past_model.onnx":
-            out.append(Workload("decode", component, batch, seq, feed_for(session, one_ids, one_mask, seq, seq, rng)))
+            add("decode", component, feed_for(session, one_ids, one_mask, seq, seq, rng))
         elif component.startswith("decoder"):
             # Seq2seq's first decoder step: one start token against the encoded prompt.
-            out.append(Workload("prefill", component, batch, seq, feed_for(session, one_ids, one_mask, 0, seq, rng)))
+            add("prefill", component, feed_for(session, one_ids, one_mask, 0, seq, rng))
         elif _has_past(session):
-            out.append(Workload("prefill", component, batch, seq, feed_for(session, ids, mask, 0, seq, rng)))
-            out.append(Workload("decode", component, batch, seq, feed_for(session, one_ids, one_mask, seq, seq, rng)))
+            add("prefill", component, feed_for(session, ids, mask, 0, seq, rng))
+            add("decode", component, feed_for(session, one_ids, one_mask, seq, seq, rng))
         else:
-            out.append(Workload("forward", component, batch, seq, feed_for(session, ids, mask, 0, seq, rng)))
+            add("forward", component, feed_for(session, ids, mask, 0, seq, rng))
     return out
