@@ -79,3 +79,18 @@ def test_compare_times_real_lengths(fp32):
 
     ratio = compare(fp32, fp32, seq=REAL_SEQ, batch=2, threads=1, seconds=1)
     assert ratio.rounds >= 2 and ratio.low <= ratio.ratio <= ratio.high
+
+
+def test_bench_times_real_lengths_beside_padded(fp32):
+    """Runs once optpipe/perf/harness.py's bench() takes "real" (its BenchRow carries the workload's label)."""
+    from optpipe import bench
+    from optpipe.perf.harness import BenchRow
+
+    if "label" not in BenchRow.__dataclass_fields__:
+        pytest.skip("bench() does not take seq 'real' yet (optpipe/perf/harness.py)")
+    result = bench([fp32], [2], [16, "real"], threads=1, runs=3)
+    padded, real = result.rows
+    assert (padded.workload, padded.label, padded.seq) == ("forward", "", 16)
+    [work] = workloads(fp32, open_artifact(fp32, threads=1).sessions, 2, REAL_SEQ)
+    assert (real.workload, real.label, real.seq) == ("forward", "real", work.seq)
+    assert result.settings["seqs"] == [16, "real"]
