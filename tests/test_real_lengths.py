@@ -94,3 +94,9 @@ def test_bench_times_real_lengths_beside_padded(fp32):
     [work] = workloads(fp32, open_artifact(fp32, threads=1).sessions, 2, REAL_SEQ)
     assert (real.workload, real.label, real.seq) == ("forward", "real", work.seq)
     assert result.settings["seqs"] == [16, "real"]
+
+
+def test_a_seq_given_as_text_is_a_length(fp32):
+    model = open_artifact(fp32, threads=1)
+    [work] = workloads(fp32, model.sessions, 2, "24")
+    assert (work.seq, work.label, work.feed["input_ids"].shape) == (24, "", (2, 24))

@@ -231,7 +231,8 @@ def workloads(model_path: Path, sessions: dict[str, Any], batch: int, seq: int |
     model_path = Path(model_path)
     model_dir = model_path if model_path.is_dir() else model_path.parent
     label, lengths = "", ()
-    if seq_value(seq) == REAL_SEQ:
+    seq = seq_value(seq)
+    if seq == REAL_SEQ:
         ids, mask, label = real_batch(str(model_dir), batch)
         seq, lengths = ids.shape[1], tuple(int(n) for n in mask.sum(1))
     else:
