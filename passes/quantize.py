@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optpipe.errors import InvalidOptionError
-from optpipe.passbase import OnnxPass, PassContext, Report, needs_external_data
+from optpipe.errors import CalibrationDataError, InvalidOptionError
+from optpipe.passbase import OnnxPass, PassContext, Report, needs_external_data, save_onnx
 from optpipe.passes.quantize_graph import (KEEP_FLOAT_ROLES, float_exclusions, float_matmuls, integer_op_counts,
                                           quantized_node_count, stamp_kept_float, unmatched_roles)
 
@@ -36,6 +38,10 @@ class QuantizeConfig:
     sensitivity_fallback: int = 0
     # Q/DQ on MatMul/Gemm outputs too; off by default: those outputs feed wide-range bias and residual adds
     quantize_outputs: bool = False
+    # FFN activation channels whose calibration max exceeds this many times the FFN's 99th percentile are computed
+    # apart in float, so every FFN GEMM can be INT8 (passes/outlier_channels.py); 0 turns it off
+    outlier_channels: float = 0.0
+    outlier_max_channels: int = 8
 
     def check(self) -> None:
         if self.mode not in ("dynamic", "static"):
@@ -53,7 +59,11 @@ class QuantizeConfig:
                                      f"not {self.calibrate_method!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise InvalidOptionError(f"quantize.percentile must be in (50, 100], not {self.percentile}")
-        for key in ("calibration_samples", "sensitivity_fallback"):
+        if isinstance(self.outlier_channels, bool) or not isinstance(self.outlier_channels, (int, float)) or not (
+                self.outlier_channels == 0 or self.outlier_channels >= 1):
+            raise InvalidOptionError(f"quantize.outlier_channels must be 0 (off) or a ratio >= 1, not "
+                                     f"{self.outlier_channels!r}")
+        for key in ("calibration_samples", "sensitivity_fallback", "outlier_max_channels"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidOptionError(f"quantize.{key} must be a whole number >= 0, not {value!r}")
@@ -71,6 +81,9 @@ class QuantizedComponent(Report):
     quantized_nodes: int = 0
     float_matmuls: dict[str, int] = field(default_factory=dict)  # why a MatMul stayed float -> how many
     unmatched_roles: tuple[str, ...] = ()  # keep_float roles that matched no node here
+    # FFN down-projection -> its outlier channels computed in float beside the INT8 GEMMs, and why FFNs were not
+    outlier_channels: dict[str, Any] | None = None
+    outlier_skipped: tuple[str, ...] | None = None
     # static mode (passes/quantize_static.py)
     quant_format: str | None = None
     calibrate_method: str | None = None
@@ -109,7 +122,29 @@ class QuantizePass(OnnxPass):
             log.warning("quantize: keep_float role %r matches no node in %s; nothing is kept float for it",
                         role, src.name)
         large = needs_external_data(model)
-        del model
+        outliers: dict[str, Any] = {}
+        work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=dst.parent))
+        try:
+            if config.outlier_channels:
+                src, outliers = self._split_outliers(model, src, work, config, ctx)
+                side = outliers.pop("float")
+                excluded.update({name: "outlier channels' side path: float by design" for name in side})
+            del model
+            static = self._quantize(src, dst, config, excluded, large, ctx)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if config.mode == "static":
+            excluded = {**excluded, **static.pop("kept_float")}
+            stamp_kept_float(dst, excluded)
+        out = onnx.load(str(dst), load_external_data=False)
+        entry = QuantizedComponent(integer_ops=integer_op_counts(out), kept_float=excluded,
+                                   quantized_nodes=quantized_node_count(out), float_matmuls=float_matmuls(out, excluded),
+                                   unmatched_roles=unmatched, **outliers, **static)
+        ctx.progress(f"  {src.name}: {entry.quantized_nodes} nodes quantized, {len(entry.kept_float)} kept in float")
+        return entry
+
+    def _quantize(self, src: Path, dst: Path, config: QuantizeConfig, excluded: dict[str, str], large: bool,
+                  ctx: PassContext) -> dict[str, Any]:
         static: dict[str, Any] = {}
         if config.mode == "dynamic":
             ctx.progress(f"  quantizing {src.name} (dynamic)")
@@ -119,14 +154,31 @@ class QuantizePass(OnnxPass):
 
             ctx.progress(f"  quantizing {src.name} (static, {config.quant_format})")
             static = quantize_static_component(src, dst, config, list(excluded), large, ctx)
-            excluded = {**excluded, **static.pop("kept_float")}
-            stamp_kept_float(dst, excluded)
-        out = onnx.load(str(dst), load_external_data=False)
-        entry = QuantizedComponent(integer_ops=integer_op_counts(out), kept_float=excluded,
-                                   quantized_nodes=quantized_node_count(out), float_matmuls=float_matmuls(out, excluded),
-                                   unmatched_roles=unmatched, **static)
-        ctx.progress(f"  {src.name}: {entry.quantized_nodes} nodes quantized, {len(entry.kept_float)} kept in float")
-        return entry
+        return static
+
+    @staticmethod
+    def _split_outliers(model, src: Path, work: Path, config: QuantizeConfig,
+                        ctx: PassContext) -> tuple[Path, dict[str, Any]]:
+        """The graph with FFN outlier channels on a float side path (in `work`), and the report entries."""
+        from optpipe.passes.outlier_channels import split_outliers
+        from optpipe.passes.quantize_static import calibration_batches
+
+        try:
+            batches = calibration_batches(src, config, ctx)
+        except CalibrationDataError as exc:  # e.g. a seq2seq decoder, fed encoder states rather than text
+            log.info("quantize: no outlier channels for %s: %s", src.name, exc)
+            return src, {"outlier_channels": {}, "outlier_skipped": (f"calibration cannot feed {src.name}: {exc}",),
+                         "float": []}
+        ctx.progress(f"  {src.name}: finding FFN outlier channels on {len(batches)} calibration batches")
+        split, skipped, side = split_outliers(model, batches, float(config.outlier_channels),
+                                              config.outlier_max_channels)
+        for reason in skipped:
+            log.info("quantize: outlier channels: %s", reason)
+        if not split:
+            return src, {"outlier_channels": {}, "outlier_skipped": tuple(skipped), "float": []}
+        rewritten = work / src.name
+        save_onnx(model, rewritten)
+        return rewritten, {"outlier_channels": split, "outlier_skipped": tuple(skipped), "float": side}
 
     def summarize(self, components: dict[str, QuantizedComponent], config: QuantizeConfig,
                   ctx: PassContext) -> QuantizeReport:

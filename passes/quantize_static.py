@@ -190,15 +190,22 @@ def write_ranges(cache: Path, dest: Path, config, calibration: dict[str, Any]) -
     return len(tensors)
 
 
+def calibration_batches(src: Path, config, ctx, calib=None) -> list[dict[str, np.ndarray]]:
+    """The calibration texts (--calibration, or the built-in set) tokenized into feeds for `src`'s inputs."""
+    calib = calib or load_calibration(ctx.calibration, column=config.calibration_column,
+                                      limit=config.calibration_samples)
+    try:
+        tokenizer = load_tokenizer(ctx.source.path)
+    except Exception as exc:
+        raise CalibrationDataError(f"calibrating quantization needs the model's tokenizer: {exc}") from exc
+    return tokenized_batches(calib.texts, tokenizer, graph_input_names(src))
+
+
 def quantize_static_component(src: Path, dst: Path, config, excluded_nodes: list[str], large: bool,
                               ctx) -> dict[str, Any]:
     """Calibrate, choose float fallbacks by sensitivity, quantize `src` into `dst`; returns report entries."""
     calib = load_calibration(ctx.calibration, column=config.calibration_column, limit=config.calibration_samples)
-    try:
-        tokenizer = load_tokenizer(ctx.source.path)
-    except Exception as exc:
-        raise CalibrationDataError(f"static quantization needs the model's tokenizer to calibrate: {exc}") from exc
-    batches = tokenized_batches(calib.texts, tokenizer, graph_input_names(src))
+    batches = calibration_batches(src, config, ctx, calib)
     work = Path(tempfile.mkdtemp(prefix=".static-", dir=ctx.out_dir))
     try:
         prepared, shape_inference = _prepare(src, work, large)

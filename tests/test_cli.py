@@ -40,7 +40,7 @@ def test_run_bundled_model_default_output(bundled_int8, tmp_path):
     for line in ("[1/3] export", "[2/3] fuse", "[3/3] quantize", "validating"):
         assert line in result.stderr
     assert "mean_cosine" in result.stdout and "passed" in result.stdout and str(out) in result.stdout
-    assert "SkipLayerNormalization 12" in result.stdout
+    assert "SkipLayerNormalization 12 (split into Sum + LayerNormalization: 12)" in result.stdout
 
 
 def test_run_with_set_and_output(tiny_bert_dir, tmp_path):

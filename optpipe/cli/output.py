@@ -21,10 +21,14 @@ def _brief(report: dict[str, Any]) -> str:
     parts = []
     for name, comp in report.get("components", {}).items() if isinstance(report.get("components"), dict) else []:
         if comp.get("fused"):
-            parts.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in comp["fused"].items()))
+            split = comp.get("split_skip_layernorm")
+            parts.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in comp["fused"].items())
+                         + (f" (split into Sum + LayerNormalization: {split})" if split else ""))
         elif comp.get("integer_ops"):
             kept = len(comp.get("kept_float", {}))
+            outliers = sum(len(v["channels"]) for v in (comp.get("outlier_channels") or {}).values())
             parts.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in comp["integer_ops"].items())
+                         + (f"; {outliers} FFN outlier channels in float" if outliers else "")
                          + (f"; {kept} kept float" if kept else ""))
     if not parts and "components" in report and isinstance(report["components"], list):
         parts.append(", ".join(report["components"]))
