@@ -29,16 +29,18 @@ def _short(path: str) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from optpipe.perf.harness import bench
+    from optpipe.perf.inputs import parse_seqs
 
-    result = bench(args.artifacts, _ints(args.batch), _ints(args.seq), threads=args.threads, warmup=args.warmup,
+    result = bench(args.artifacts, _ints(args.batch), parse_seqs(args.seq), threads=args.threads, warmup=args.warmup,
                    runs=args.runs, seconds=args.seconds, progress=args.progress)
     print(f"\ninterleaved, spinning off, threads {args.threads or 'ORT default'}; ratio = latency / "
           f"{_short(args.artifacts[0])}'s, 95% interval")
-    print(f"{'artifact':<28} {'provider':<10} {'workload':<8} {'bs':>3} {'seq':>4} {'runs':>5} {'p50 ms':>9} "
+    print(f"{'artifact':<28} {'provider':<10} {'workload':<12} {'bs':>3} {'seq':>4} {'runs':>5} {'p50 ms':>9} "
           f"{'p90 ms':>9} {'p99 ms':>9} {'seq/s':>9} {'mem MB':>7}  ratio")
     for r in result.rows:
         provider = r.providers[0].replace("ExecutionProvider", "") if r.providers else "?"
-        print(f"{_short(r.artifact)[:28]:<28} {provider:<10} {r.workload:<8} {r.batch:>3} {r.seq:>4} {r.runs:>5} "
+        workload = f"{r.workload}/{r.label}" if r.label else r.workload  # forward/real: real sentence lengths
+        print(f"{_short(r.artifact)[:28]:<28} {provider:<10} {workload:<12} {r.batch:>3} {r.seq:>4} {r.runs:>5} "
               f"{r.p50_ms:>9.3f} {r.p90_ms:>9.3f} {r.p99_ms:>9.3f} {r.sequences_per_s:>9.1f} {r.memory_mb:>7.1f}  "
               f"{_ratio(r.ratio)}")
     if args.json:
@@ -49,12 +51,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from optpipe import compare
+    from optpipe.perf.inputs import seq_name, seq_value
 
-    ratio = compare(args.a, args.b, batch=args.batch, seq=args.seq, threads=args.threads, seconds=args.seconds,
-                    progress=args.progress)
+    ratio = compare(args.a, args.b, batch=args.batch, seq=seq_value(args.seq), threads=args.threads,
+                    seconds=args.seconds, progress=args.progress)
     verdict = ratio.verdict()
     change = f"{abs(1 - ratio.ratio):.1%} " + ("slower" if ratio.ratio > 1 else "faster")
-    print(f"{_short(args.b)} / {_short(args.a)} latency (bs {args.batch}, seq {args.seq}, threads "
+    print(f"{_short(args.b)} / {_short(args.a)} latency (bs {args.batch}, seq {seq_name(args.seq)}, threads "
           f"{args.threads or 'ORT default'}, {ratio.rounds} interleaved rounds): {_ratio(ratio)} (95% interval)")
     if verdict == "no difference detected at this noise":
         print(f"verdict: no difference detected at this noise ({change} measured, interval includes 1.0)")
@@ -87,7 +90,8 @@ def add_harness_parsers(sub) -> None:
     bench.set_defaults(handler=cmd_bench)
     bench.add_argument("artifacts", nargs="+", metavar="ARTIFACT")
     bench.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
-    bench.add_argument("--seq", default="128", help="sequence lengths, comma-separated (default 128)")
+    bench.add_argument("--seq", default="128", help="sequence lengths, comma-separated; 'real': held-out sentences "
+                       "at their own token lengths, padded to the batch's longest (default 128)")
     bench.add_argument("--threads", type=int, help="intra-op threads per session (default: ONNX Runtime's)")
     bench.add_argument("--warmup", type=int, default=5, help="warm-up runs per artifact and shape (default 5)")
     budget = bench.add_mutually_exclusive_group()
@@ -100,7 +104,7 @@ def add_harness_parsers(sub) -> None:
     compare.add_argument("a", metavar="A")
     compare.add_argument("b", metavar="B")
     compare.add_argument("--batch", type=int, default=1)
-    compare.add_argument("--seq", type=int, default=128)
+    compare.add_argument("--seq", default="128", help="sequence length, or 'real' (default 128)")
     compare.add_argument("--threads", type=int)
     compare.add_argument("--seconds", type=float, default=10.0, help="length of the interleaved run (default 10)")
 

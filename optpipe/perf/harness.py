@@ -22,7 +22,7 @@ import numpy as np
 from optpipe.artifact import Artifact
 from optpipe.errors import InvalidOptionError
 from optpipe.passbase import track
-from optpipe.perf.inputs import Workload, workloads
+from optpipe.perf.inputs import REAL, REAL_SEQ, Workload, seq_name, seq_value, workloads
 from optpipe.perf.stats import RatioEstimate, paired_ratio
 from optpipe.session import require_provider, target_session
 
@@ -59,6 +59,7 @@ class BenchRow:
     sequences_per_s: float
     memory_mb: float  # RSS growth from creating the session and warming it up on every workload
     ratio: RatioEstimate | None  # latency / the first artifact's, paired over the same rounds
+    label: str = ""  # "real": held-out texts at their own token lengths (seq is the batch's padded length)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,8 @@ def _row(model: Measured, w: Workload, series: np.ndarray, ratio: RatioEstimate 
     p50 = float(np.percentile(ms, 50))
     return BenchRow(str(model.path), model.target, model.providers, w.name, w.batch, w.seq, len(ms), round(p50, 4),
                     round(float(np.percentile(ms, 90)), 4), round(float(np.percentile(ms, 99)), 4),
-                    round(float(ms.mean()), 4), round(w.batch * 1e3 / p50, 2), round(model.memory_mb, 1), ratio)
+                    round(float(ms.mean()), 4), round(w.batch * 1e3 / p50, 2), round(model.memory_mb, 1), ratio,
+                    w.label)
 
 
 def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tuple[int, ...] = (1,),
@@ -187,8 +189,9 @@ def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tup
     budget per grid cell (or exactly `runs` rounds). Ratios are to the first artifact."""
     if not artifacts:
         raise InvalidOptionError("bench needs at least one artifact")
-    if any(b < 1 for b in batches) or any(s < 1 for s in seqs):
-        raise InvalidOptionError("batch sizes and sequence lengths must be >= 1")
+    seqs = [seq_value(s) for s in seqs]  # InvalidOptionError below 1; "real" / REAL_SEQ: real sentence lengths
+    if any(b < 1 for b in batches):
+        raise InvalidOptionError("batch sizes must be >= 1")
     if runs is not None and runs < 2:
         raise InvalidOptionError("--runs must be >= 2")
     models = [a if isinstance(a, Measured) else open_model(a, threads) for a in artifacts]
@@ -201,17 +204,18 @@ def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tup
             for name in names:
                 work = [next((w for w in ws if w.name == name), None) for ws in per_model]
                 if progress:
-                    progress(f"timing {name} bs {batch} seq {seq} ({runs or f'{seconds:g}s'}) ...")
+                    progress(f"timing {name} bs {batch} seq {seq_name(seq)} ({runs or f'{seconds:g}s'}) ...")
                 series = interleave(models, work, warmup, runs, seconds, rng, progress,
-                                    f"{name} bs {batch} seq {seq}")
+                                    f"{name} bs {batch} seq {seq_name(seq)}")
                 ref = series[0] if work[0] is not None else None
                 for i, (model, w) in enumerate(zip(models, work)):
                     if w is None:
                         continue
                     ratio = paired_ratio(ref, series[i], level) if ref is not None else None
                     rows.append(_row(model, w, series[i], ratio))
-    settings = {"batches": list(batches), "seqs": list(seqs), "threads": threads, "warmup": warmup, "runs": runs,
-                "seconds": None if runs else seconds, "level": level, "interleaved": True, "spinning": False}
+    settings = {"batches": list(batches), "seqs": [REAL if s == REAL_SEQ else s for s in seqs], "threads": threads,
+                "warmup": warmup, "runs": runs, "seconds": None if runs else seconds, "level": level, "interleaved": True,
+                "spinning": False}
     return BenchResult(tuple(rows), machine_facts(threads), settings)
 
 
