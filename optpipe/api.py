@@ -142,6 +142,7 @@ def optimize(
         manifest = _validated_manifest(source, resolved_target, result, ModelFiles(staging, "onnx",
                                                                                    result.files.components), say)
         manifest.update(extra_manifest or {})
+        manifest["profile"] = _profile(staging, result.files.components, resolved_target, say)
         if bench:
             from optpipe.perf.harness import bench_staged
 
@@ -155,6 +156,18 @@ def optimize(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _profile(staging: Path, components, target: Target, say: Callable[[str], None]) -> dict[str, Any]:
+    """Time by op type (ONNX Runtime's profiler) for the manifest; a failure here is recorded, never fatal."""
+    from optpipe.perf.profile import op_time_profile
+
+    say("profiling the staged artifact (time by op type) ...")
+    try:
+        return op_time_profile(staging, components, target)
+    except Exception as exc:  # noqa: BLE001 - the artifact is valid; only its profile is missing
+        log.warning("profiling failed: %s", exc)
+        return {"skipped": f"profiling failed: {type(exc).__name__}: {str(exc)[:200]}"}
 
 
 def _log_progress(event: Any) -> None:

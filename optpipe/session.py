@@ -141,6 +141,9 @@ def require_provider(provider: str) -> None:
         raise ProviderUnavailableError(problem)
 
 
+PROFILE_PREFIX = "profile_file_prefix"
+
+
 def session_options(threads: int | None = None, spinning: bool = True, extra: dict[str, Any] | None = None):
     import onnxruntime as ort
 
@@ -158,6 +161,9 @@ def session_options(threads: int | None = None, spinning: bool = True, extra: di
             level = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                      "all": "ORT_ENABLE_ALL"}[str(value)]
             options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        elif key == PROFILE_PREFIX:  # ONNX Runtime's profiler (perf/profile.py): a JSON trace per session
+            options.enable_profiling = True
+            options.profile_file_prefix = str(value)
         else:
             options.add_session_config_entry(str(key), str(value))
     return options

@@ -27,6 +27,11 @@ def test_cpu_int8_meets_fidelity_and_is_fused_and_quantized(bundled_int8):
     ops = [n.op_type for n in onnx.load(str(bundled_int8.path / "model.onnx")).graph.node]
     assert {"LayerNormalization", "Sum", "QAttention", "MatMulInteger"} <= set(ops)
     assert "SkipLayerNormalization" not in ops and ops.count("MatMul") == 2 * len(outliers)
+    # the kernels that really run (after ONNX Runtime's session-time fusions) and their share of the time
+    profile = m["profile"]["workloads"]["forward"]
+    assert profile["ms_per_run"] > 0 and abs(sum(v["share"] for v in profile["ops"].values()) - 1) < 0.01
+    assert profile["ops"]["DynamicQuantizeMatMul"]["nodes"] == 18 and profile["ops"]["QAttention"]["nodes"] == 6
+    assert "SkipLayerNormalization" not in profile["ops"] and profile["ops"]["LayerNormalization"]["nodes"] == 12
     assert m["size"]["onnx_bytes"] < m["size"]["source_bytes"] / 2
 
 

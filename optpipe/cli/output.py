@@ -55,6 +55,10 @@ def print_summary(artifact) -> None:
     if cpu and cpu.get("target_isa"):  # CPU targets: which integer numerics were checked, on what
         print(f"isa: INT8 numerics for {cpu['target_isa']}, validated on {cpu['family']} ({cpu['brand']})"
               + (f"; {cpu['note']}" if cpu.get("note") else ""))
+    for workload, prof in m.get("profile", {}).get("workloads", {}).items():
+        top = ", ".join(f"{op} {v['share']:.0%}" for op, v in list(prof["ops"].items())[:4])
+        print(f"time by op type ({workload}, bs {m['profile']['settings']['batch']} seq "
+              f"{m['profile']['settings']['seq']}, {prof['ms_per_run']:.2f} ms a run): {top}")
     print(f"size: {mb(m['size']['source_bytes'])} (PyTorch weights) -> {mb(m['size']['onnx_bytes'])} (ONNX)")
     for row in m.get("bench", {}).get("rows", []):
         print(f"bench ({row['providers'][0]}, {row['workload']} bs {row['batch']} seq {row['seq']}): p50 "
