@@ -139,21 +139,42 @@ def split_outliers(model, batches, ratio: float, max_channels: int) -> tuple[dic
         act_inputs = [hidden] + ([p + "_b"] if ffn.bias and ffn.bias_node is None else [])
         act = helper.make_node(ffn.act.op_type, act_inputs, [p + "_a"], name=p + "_act", domain=ffn.act.domain)
         act.attribute.extend(ffn.act.attribute)
-        nodes += [act, helper.make_node("MatMul", [p + "_a", p + "_wd"], [p + "_y"], name=p + "_down"),
-                  helper.make_node("Add", [ffn.down.output[0], p + "_y"], [p + "_sum"], name=p + "_add")]
+        nodes += [act, helper.make_node("MatMul", [p + "_a", p + "_wd"], [p + "_y"], name=p + "_down")]
         for name, value in updates.items():
             inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
-        for node in graph.node:
-            node.input[:] = [p + "_sum" if i == ffn.down.output[0] else i for i in node.input]
-        side_nodes[ffn.down.name] = nodes
+        anchor = _merge(graph, ffn.down, p, nodes, set(inits))
+        side_nodes[anchor] = side_nodes.get(anchor, []) + nodes
     ordered = []
     for node in graph.node:
         ordered.append(node)
-        ordered.extend(side_nodes.get(node.name, ()))
+        ordered.extend(side_nodes.get(node.output[0], ()) if node.output else ())
     del graph.node[:]
     graph.node.extend(ordered)
     return report, skipped, [n.name for nodes in side_nodes.values() for n in nodes if n.op_type == "MatMul"]
 
+
+
+def _merge(graph, down, prefix: str, nodes: list, inits: set[str]) -> str:
+    """Add the side path's output `prefix_y` to the down-projection's, where it costs least; returns the node the
+    side path is placed after (by its first output). Past the bias Add (so ONNX Runtime still fuses that Add into the INT8 GEMM) and,
+    when a Sum follows (the residual, passes/skip_layernorm.py), as one more Sum input: no extra node at all."""
+    from onnx import helper
+
+    def consumers(name: str) -> list:
+        return [n for n in graph.node if name in n.input]
+
+    anchor, tail = down, down.output[0]
+    after = consumers(tail)
+    if len(after) == 1 and after[0].op_type == "Add" and any(i in inits for i in after[0].input):
+        anchor, tail = after[0], after[0].output[0]
+        after = consumers(tail)
+    if len(after) == 1 and after[0].op_type == "Sum":
+        after[0].input.append(prefix + "_y")
+        return anchor.output[0]
+    nodes.append(helper.make_node("Add", [tail, prefix + "_y"], [prefix + "_sum"], name=prefix + "_add"))
+    for node in after:
+        node.input[:] = [prefix + "_sum" if i == tail else i for i in node.input]
+    return anchor.output[0]
 
 
 def _own_initializers(graph, ffn: Ffn, prefix: str, inits: dict) -> None:
