@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -143,16 +144,19 @@ def main() -> int:
     files = {name: (p / "model.onnx" if p.is_dir() else p) for name, p in entries.items()}
     rows = {name: {"held_out_cosine": fidelity(f), "size_mb": round(size_mb(f), 1)} for name, f in files.items()}
     shapes = [_shape(s) for s in args.shapes.split(",")]
+    load: dict[str, list[float]] = {}  # 1-minute load average before and after each shape: other work skews ratios
     for batch, seq in shapes:
+        before = os.getloadavg()[0]
         say(f"timing {len(entries)} models interleaved at bs {batch} seq {seq_name(seq)} for {args.seconds:g}s ...")
         ratios = interleaved_ratios(list(entries.values()), batch=batch, seq=seq, threads=args.threads,
                                     seconds=args.seconds)
         for name, r in zip(entries, ratios):  # latency / cpu-fp32's -> speed-up = its inverse
             rows[name][f"bs{batch}_{seq_name(seq)}"] = {"speedup": round(1 / r.ratio, 3), "low": round(1 / r.high, 3),
                                                         "high": round(1 / r.low, 3), "rounds": r.rounds}
+        load[f"bs{batch}_{seq_name(seq)}"] = [round(before, 2), round(os.getloadavg()[0], 2)]
     report = {"date": started.isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "machine": machine_facts(args.threads), "reference": "optpipe cpu-fp32", "rows": rows,
-              "failures": failures}
+              "load_average": load, "failures": failures}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"scoreboard-{started.strftime('%Y%m%d')}"
     tmp = args.out / f".{stem}.json.tmp"
@@ -174,6 +178,8 @@ def main() -> int:
                      f"{row['size_mb']} |")
     for name, why in failures.items():
         lines.append(f"| {name} | " + " | ".join("failed" for _ in keys) + f" | {why} | - |")
+    lines += ["", "1-minute load average before / after each shape (2 cores; the timed sessions add about 1): "
+              + ", ".join(f"{k} {v[0]} / {v[1]}" for k, v in load.items())]
     tmp = args.out / f".{stem}.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(args.out / f"{stem}.md")

@@ -60,3 +60,14 @@ def arch_dirs(tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_and_slowed(tiny_bert_dir, tmp_path_factory):
+    """A tiny fp32 artifact and a copy with ~170 MFLOP of injected MatMul work (several times slower)."""
+    from optpipe import optimize
+    from optpipe.perf.slowdown import slowed_copy
+
+    root = tmp_path_factory.mktemp("gate")
+    fp32 = optimize(str(tiny_bert_dir), "cpu-fp32", root / "fp32").path
+    return fp32, slowed_copy(fp32, root / "slow", matmuls=40)

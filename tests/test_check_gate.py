@@ -26,13 +26,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_bert_dir, tmp_path_factory):
-    """A tiny fp32 artifact and a copy with injected MatMul work (several times slower)."""
-    from optpipe import optimize
-
-    root = tmp_path_factory.mktemp("gate")
-    fp32 = optimize(str(tiny_bert_dir), "cpu-fp32", root / "fp32").path
-    return fp32, slowed_copy(fp32, root / "slow", matmuls=40)
+def artifacts(tiny_fp32_and_slowed):
+    return tiny_fp32_and_slowed
 
 
 @pytest.fixture()

@@ -8,20 +8,14 @@ import shutil
 import pytest
 
 from optpipe.perf.regress import check, fingerprint, load_baseline, parse_tolerance
-from optpipe.perf.slowdown import slowed_copy
 from tests.test_cli import assert_one_line_error, optpipe
 
 FAST = ["--seconds", "1.5"]
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_bert_dir, tmp_path_factory):
-    """A tiny fp32 artifact and a copy with ~170 MFLOP of injected MatMul work (several times slower)."""
-    from optpipe import optimize
-
-    root = tmp_path_factory.mktemp("regress")
-    fp32 = optimize(str(tiny_bert_dir), "cpu-fp32", root / "fp32").path
-    return fp32, slowed_copy(fp32, root / "slow", matmuls=40)
+def artifacts(tiny_fp32_and_slowed):
+    return tiny_fp32_and_slowed
 
 
 @pytest.fixture()

@@ -15,6 +15,7 @@ stops early and a noisy one says "inconclusive" instead of passing silently as "
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import math
@@ -55,6 +56,15 @@ MEASURES = ("auto", "wall", "cpu")
 # 95% interval does, at a true slowdown exactly at the tolerance. The final look at the budget's end adds at most
 # its own 2.5% there. Well inside the tolerance (A/A) or well beyond it, both are far smaller; the study
 # (bench/gate_study.py) measures the rates.
+# Fresh sessions per epoch. Two sessions of the same file differ by up to 1-2% in speed, steadily, for as long as
+# they live (where their weights and buffers land in memory; bench/results/gate-study-20261202-one-session-pair.*:
+# calm, A/A checks with one session pair read 0.986 to 1.021, tight intervals around each: 3 of 42 flagged at 1%).
+# So with the reference at hand the check runs epochs: each opens both artifacts afresh, in a random order, and
+# times EPOCH_SECONDS of interleaved rounds; an epoch gives one estimate (the median of its per-round log ratios),
+# and the verdict rests on the epochs' mean with a Student-t interval, whose spread includes that session effect.
+# Looks come after each epoch from MIN_EPOCHS on (99% interval, as below).
+EPOCH_SECONDS = 1.0
+MIN_EPOCHS = 5
 MIN_LOOK_SECONDS = 3.0
 MIN_LOOK_ROUNDS = 60
 LOOK_EVERY_S = 1.5
@@ -87,6 +97,8 @@ class CheckResult:
     looks: int = 0  # interim looks at the data
     noise_sd: float | None = None  # standard deviation of the per-round log ratio (~ relative noise of one pair)
     halfwidth: float | None = None  # half the width of the 95% interval of the ratio
+    epochs: int = 0  # interleaved mode: session pairs opened afresh, each timed EPOCH_SECONDS (one estimate each)
+    epoch_sd: float | None = None  # standard deviation of the epochs' log-ratio estimates (session effect + noise)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -287,17 +299,13 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
     if fallback:
         notes.append(fallback)
     if reference is not None:
-        say(f"timing {artifact} interleaved with the reference {reference} ({clock} clock, up to {seconds:g}s) ...")
-        ref_model = open_artifact(reference, threads)
-        works = grid_workloads([ref_model, candidate], batch, seq)
-        work = [_pick(works[0], workload)]
-        work.append(next((w for w in works[1] if w.name == work[0].name), works[1][0]))
-        looks = _Looks(lambda t: np.log(t[1]) - np.log(t[0]), tolerance)
+        say(f"timing {artifact} interleaved with the reference {reference} ({clock} clock, fresh sessions every "
+            f"{EPOCH_SECONDS:g}s, up to {seconds:g}s) ...")
+        del candidate
         started = time.perf_counter()
-        ref_t, cand_t = interleave([ref_model, candidate], work, 5, None, seconds, np.random.default_rng(0),
-                                   progress, "interleaved rounds", clock, looks)
-        logs = np.log(cand_t) - np.log(ref_t)
-        mode, ref_ms, name = "interleaved", float(np.median(ref_t) * 1e3), work[1].name
+        epochs = _epochs(Path(reference), Path(artifact), threads, batch, seq, workload, seconds, clock, tolerance)
+        ref_t, cand_t, logs = epochs.ref_t, epochs.cand_t, epochs.logs
+        mode, ref_ms, name, looks = "interleaved", float(np.median(ref_t) * 1e3), epochs.workload, epochs
     else:
         notes.append(f"{why_not}: compared with the recorded figures, which cannot cancel drift between runs")
         if not same_machine:
@@ -320,7 +328,7 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
         logs = np.log(cand_t * 1e3 / ref_ms)
         mode = "recorded"
     spent = time.perf_counter() - started
-    estimate, samples = _distribution(logs)
+    estimate, samples = _distribution(logs) if mode == "recorded" else _t_distribution(looks.estimates)
     ratio, probability, status, code, message = _verdict(estimate, samples, len(logs), tolerance, fail_inconclusive,
                                                           seconds)
     if looks.stopped:
@@ -330,7 +338,98 @@ def check(artifact: str | Path, baseline: str | Path, *, tolerance: float = 0.05
     return CheckResult(status, code, mode, tolerance, ratio, round(probability, 4), round(cand_ms, 4),
                        round(ref_ms, 4), message, tuple(notes), run, clock, name, len(logs), round(spent, 2),
                        float(seconds), looks.stopped, looks.looks,
-                       round(float(np.std(logs, ddof=1)), 5), round((ratio.high - ratio.low) / 2, 5))
+                       round(float(np.std(logs, ddof=1)), 5), round((ratio.high - ratio.low) / 2, 5),
+                       len(looks.estimates) if mode == "interleaved" else 0,
+                       round(float(np.std(looks.estimates, ddof=1)), 5) if mode == "interleaved" and len(
+                           looks.estimates) > 1 else None)
+
+
+class _Epochs:
+    """The interleaved timing in epochs of fresh sessions (see EPOCH_SECONDS), with the sequential rule."""
+
+    def __init__(self, tolerance: float):
+        self.limit, self.tolerance = math.log1p(tolerance), tolerance
+        self.estimates: list[float] = []
+        self.ref: list[float] = []
+        self.cand: list[float] = []
+        self.looks = 0
+        self.stopped = False
+        self.workload = ""
+
+    def clear(self) -> bool:
+        """An interim look after an epoch: stop when the 99% t-interval and the final 95% one agree."""
+        if len(self.estimates) < MIN_EPOCHS:
+            return False
+        self.looks += 1
+        center, samples = _t_distribution(self.estimates)
+        spread = _t_quantile(len(self.estimates) - 1, 0.995) * float(np.std(self.estimates, ddof=1)) / math.sqrt(
+            len(self.estimates))
+        log_center = math.log(center)
+        clear = log_center - spread > self.limit or log_center + spread < self.limit
+        if clear:
+            clear = _verdict(center, samples, len(self.ref), self.tolerance)[2] != "inconclusive"
+        self.stopped = clear
+        return clear
+
+    @property
+    def ref_t(self) -> np.ndarray:
+        return np.asarray(self.ref)
+
+    @property
+    def cand_t(self) -> np.ndarray:
+        return np.asarray(self.cand)
+
+    @property
+    def logs(self) -> np.ndarray:
+        return np.log(self.cand_t) - np.log(self.ref_t)
+
+
+def _epochs(reference: Path, artifact: Path, threads: int | None, batch: int, seq: int, workload: str | None,
+            seconds: float, clock: str, tolerance: float) -> _Epochs:
+    rng = np.random.default_rng(0)
+    state = _Epochs(tolerance)
+    deadline = time.perf_counter() + seconds
+    epoch = min(EPOCH_SECONDS, seconds / (2 * MIN_EPOCHS))  # a short budget still gets several session pairs
+    while True:
+        if rng.random() < 0.5:  # which opens first (its memory placement) is random too
+            models = [open_artifact(reference, threads), open_artifact(artifact, threads)]
+        else:
+            models = list(reversed([open_artifact(artifact, threads), open_artifact(reference, threads)]))
+        works = grid_workloads(models, batch, seq)
+        work = [_pick(works[0], workload)]
+        work.append(next((w for w in works[1] if w.name == work[0].name), works[1][0]))
+        state.workload = work[1].name
+        left = deadline - time.perf_counter()
+        ref_t, cand_t = interleave(models, work, 3, None, max(0.02, min(epoch, left)), rng, None, "rounds",
+                                   clock)
+        del models, works, work
+        state.ref += ref_t.tolist()
+        state.cand += cand_t.tolist()
+        state.estimates.append(float(np.median(np.log(cand_t) - np.log(ref_t))))
+        if state.clear() or time.perf_counter() >= deadline:
+            return state
+
+
+@functools.lru_cache(maxsize=64)
+def _t_quantile(df: int, q: float) -> float:
+    """Student-t quantile (numpy has no ppf): from a fixed sample of the distribution, stable to ~1%."""
+    draws = np.random.default_rng(12345).standard_t(max(df, 1), 200_000)
+    return float(np.quantile(draws, q))
+
+
+def _t_distribution(estimates: list[float]) -> tuple[float, np.ndarray]:
+    """The epochs' mean log ratio and a sample of its Student-t sampling distribution, as ratios (so that its
+    percentiles are the t-interval, as _verdict reads them)."""
+    values = np.asarray(estimates, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:  # one epoch says nothing about the session effect: an interval that cannot decide
+        return math.exp(mean), np.repeat([1e-6, 1e6], BOOTSTRAP_T // 2)
+    se = float(values.std(ddof=1)) / math.sqrt(len(values))
+    draws = np.random.default_rng(0).standard_t(len(values) - 1, BOOTSTRAP_T)
+    return math.exp(mean), np.exp(mean + se * draws)
+
+
+BOOTSTRAP_T = 20_000
 
 
 def _update(artifact: str | Path, baseline: Path, tolerance: float, seconds: float | None,
@@ -401,6 +500,10 @@ def markdown(result: CheckResult, artifact: str, baseline: str) -> str:
         lines += ["", f"- timing: {_CLOCK_NAMES.get(result.measure, result.measure)}, {result.workload or '?'} "
                       f"workload, {result.rounds} rounds in {result.seconds:.1f}s of a {result.budget_s:g}s budget "
                       f"({stop}, {result.looks} interim looks)", f"- noise: {noise}"]
+        if result.epochs:
+            sd = f", sd {result.epoch_sd:.2%} between them" if result.epoch_sd is not None else ""
+            lines.append(f"- sessions: {result.epochs} fresh session pairs (one estimate each{sd}); the interval "
+                         "is Student-t over them, so it includes how much two sessions of one file differ")
         if result.workload == "decode" and result.candidate_ms > 0:  # one new token per sequence per step
             batch = result.settings.get("batch", 1)
             ref = f", reference {batch * 1e3 / result.reference_ms:.1f}" if result.reference_ms else ""

@@ -55,6 +55,7 @@ def candidate_recipes() -> list[Recipe]:
                                                      "sensitivity_fallback": SENSITIVE_FALLBACK}),
         Recipe("static qdq", True, {"mode": "static", "op_types": ["MatMul"]}),
         Recipe("dynamic", True, {"mode": "dynamic"}),
+        Recipe("dynamic, outlier channels float", True, {"mode": "dynamic", "outlier_channels": 3.0}),  # = cpu-int8
         Recipe("dynamic, FFN-out float", True, {"mode": "dynamic", "keep_float": ["ffn_output"]}),
         Recipe("dynamic, per-tensor", True, {"mode": "dynamic", "per_channel": False}),
         Recipe("dynamic, MatMul only", True, {"mode": "dynamic", "op_types": ["MatMul"]}),
