@@ -125,7 +125,10 @@ class QuantizePass(OnnxPass):
         outliers: dict[str, Any] = {}
         work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=dst.parent))
         try:
-            if config.outlier_channels:
+            if config.outlier_channels and large:  # the calibration probe is an in-memory model (< 2 GB)
+                outliers = {"outlier_channels": {}, "outlier_skipped": ("a model over 2 GB: not probed",)}
+                log.warning("quantize: %s is over 2 GB; its FFN outlier channels are not split", src.name)
+            elif config.outlier_channels:
                 src, outliers = self._split_outliers(model, src, work, config, ctx)
                 side = outliers.pop("float")
                 excluded.update({name: "outlier channels' side path: float by design" for name in side})
