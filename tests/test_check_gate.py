@@ -95,7 +95,8 @@ def test_inconclusive_exit_codes_through_the_cli(artifacts, baseline, tmp_path, 
     from optpipe.cli.main import main
 
     wide = np.exp(np.random.default_rng(0).normal(np.log(1.01), 0.01, 2000))
-    monkeypatch.setattr(regress, "_distribution", lambda logs: (1.01, wide))
+    monkeypatch.setattr(regress, "_distribution", lambda logs: (1.01, wide))  # recorded-figures mode
+    monkeypatch.setattr(regress, "_t_distribution", lambda estimates: (1.01, wide))  # session epochs
     args = ["check", str(artifacts[0]), "--baseline", str(baseline), "--tolerance", "1%", "--seconds", "0.5"]
     assert main(args + ["--json", str(tmp_path / "v.json")]) == 0
     out = capsys.readouterr().out
