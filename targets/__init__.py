@@ -72,7 +72,7 @@ class Target:
 
     def with_pipeline(self, text: str) -> "Target":
         """Replace the recipe (for every model kind) with a one-line pipeline."""
-        return replace(self, passes=_with_isa_numerics(tuple(parse_pipeline(text)), self.isa), decoder_passes=(),
+        return replace(self, passes=with_isa_numerics(tuple(parse_pipeline(text)), self.isa), decoder_passes=(),
                        overrides=(*self.overrides, f"pipeline={text}"))
 
     def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> "Target":
@@ -136,7 +136,7 @@ def _checked_isa(value: Any, origin: str) -> str | None:
     return value
 
 
-def _with_isa_numerics(specs: tuple[PassSpec, ...], isa: str | None) -> tuple[PassSpec, ...]:
+def with_isa_numerics(specs: tuple[PassSpec, ...], isa: str | None) -> tuple[PassSpec, ...]:
     """The quantize pass's `reduce_range` derived from the target's isa where the recipe does not set it."""
     if isa is None:
         return specs
@@ -147,7 +147,7 @@ def _with_isa_numerics(specs: tuple[PassSpec, ...], isa: str | None) -> tuple[Pa
 def target_from_toml(data: dict, origin: str) -> Target:
     isa = _checked_isa(data.get("isa"), f"target file {origin}")
     try:
-        passes = _with_isa_numerics(_specs(data.get("passes", [])), isa)
+        passes = with_isa_numerics(_specs(data.get("passes", [])), isa)
         decoder = data.get("decoder", {})
         if not passes and not decoder.get("passes"):
             raise InvalidOptionError(f"target file {origin} has no [[passes]] (nor [[decoder.passes]])")
@@ -161,7 +161,7 @@ def target_from_toml(data: dict, origin: str) -> Target:
             session_options=dict(data.get("session_options", {})),
             validate=dict(data.get("validate", {})),
             harness=dict(data.get("harness", {})),
-            decoder_passes=_with_isa_numerics(_specs(decoder.get("passes", [])), isa),
+            decoder_passes=with_isa_numerics(_specs(decoder.get("passes", [])), isa),
             decoder_validate=dict(decoder.get("validate", {})),
             decoder_validate_gguf=dict(decoder.get("validate_gguf", {})),
             isa=isa,

@@ -37,6 +37,9 @@ def test_every_candidate_is_in_the_table_with_a_verdict(tuned):
 
 def test_winner_is_the_fastest_candidate_within_budget(tuned):
     winner = tuned.winner
+    # built for the base target's ISA numerics (cpu-int8: portable, 7-bit weights), as every candidate was
+    manifest = tuned.artifact.manifest
+    assert manifest["target"]["isa"] == "portable" and "reduce_range=true" in manifest["pipeline"]
     assert winner.loss is not None and winner.loss <= 0.01
     # the full table: every candidate has a measured loss, and the verdict follows from it
     for c in tuned.candidates:

@@ -23,7 +23,7 @@ from optpipe.errors import OptpipeError, TuningFailedError
 from optpipe.pipeline import ModelFiles, Pipeline
 from optpipe.targets.recipe import PassSpec, format_pipeline
 from optpipe.source import ModelSource, resolve_source
-from optpipe.targets import Target, load_target
+from optpipe.targets import Target, load_target, with_isa_numerics
 
 log = logging.getLogger("optpipe.tune")
 
@@ -211,12 +211,18 @@ def _winner(candidates: list[Candidate], max_loss: float, say) -> Candidate:
     return winner
 
 
+def _with_target_numerics(recipe: Recipe, target: Target) -> Recipe:
+    """The recipe with the weights the target's ISA calls for (cpu-int8: portable, 7-bit) unless it sets them."""
+    specs = with_isa_numerics(tuple(recipe.specs), target.isa)
+    return replace(recipe, quantize=dict(next(s for s in specs if s.name == "quantize").options))
+
+
 def _build_all(pending: list[Recipe], source, target, workdir, use_cache, calibration, say):
     built: list[tuple[Recipe, ModelFiles]] = []
     failed: list[Candidate] = []
     queue = list(pending)
     while queue:
-        recipe = queue.pop(0)
+        recipe = _with_target_numerics(queue.pop(0), target)
         say(f"  building: {recipe.label} [{recipe.pipeline}]")
         try:
             result = _build(recipe.specs, source, target, workdir, use_cache, calibration)
