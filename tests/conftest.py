@@ -63,7 +63,7 @@ def arch_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_fp32_and_slowed(tiny_bert_dir, tmp_path_factory):
+def slowed_pair(tiny_bert_dir, tmp_path_factory):
     """A tiny fp32 artifact and a copy with ~170 MFLOP of injected MatMul work (several times slower)."""
     from optpipe import optimize
     from optpipe.perf.slowdown import slowed_copy

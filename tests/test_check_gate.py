@@ -25,15 +25,10 @@ from tests.test_cli import optpipe
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture(scope="module")
-def artifacts(tiny_fp32_and_slowed):
-    return tiny_fp32_and_slowed
-
-
 @pytest.fixture()
-def baseline(artifacts, tmp_path):
+def baseline(slowed_pair, tmp_path):
     path = tmp_path / "ci" / "baseline.json"
-    check(artifacts[0], path, update=True, threads=1, seconds=0.5)
+    check(slowed_pair[0], path, update=True, threads=1, seconds=0.5)
     return path
 
 
@@ -49,21 +44,21 @@ def test_resolve_measure():
         resolve_measure("cycles", 1)
 
 
-def test_cpu_time_with_one_thread_and_wall_clock_fallback(artifacts, baseline):
+def test_cpu_time_with_one_thread_and_wall_clock_fallback(slowed_pair, baseline):
     data = load_baseline(baseline)
     assert data["settings"]["measure"] == "auto" and data["figures"]["measure"] == "cpu"
-    one = check(artifacts[0], baseline, tolerance=0.25, seconds=0.5)  # threads 1: the baseline's
+    one = check(slowed_pair[0], baseline, tolerance=0.25, seconds=0.5)  # threads 1: the baseline's
     assert one.measure == "cpu" and one.status == "ok" and not any("intra-op" in n for n in one.notes)
     assert one.candidate_ms > 0 and one.rounds >= 10 and one.noise_sd > 0 and one.halfwidth > 0
-    two = check(artifacts[0], baseline, tolerance=0.25, seconds=0.5, threads=2, measure="cpu")
+    two = check(slowed_pair[0], baseline, tolerance=0.25, seconds=0.5, threads=2, measure="cpu")
     assert two.measure == "wall" and two.mode == "interleaved"
     assert any("exactly 1 intra-op thread" in note and "wall clock instead" in note for note in two.notes)
-    assert check(artifacts[0], baseline, tolerance=0.25, seconds=0.5, measure="wall").measure == "wall"
+    assert check(slowed_pair[0], baseline, tolerance=0.25, seconds=0.5, measure="wall").measure == "wall"
 
 
-def test_slowed_copy_is_flagged_on_cpu_time_and_the_check_stops_early(artifacts, baseline, tmp_path):
+def test_slowed_copy_is_flagged_on_cpu_time_and_the_check_stops_early(slowed_pair, baseline, tmp_path):
     out_json, out_md = tmp_path / "v.json", tmp_path / "v.md"
-    worse = optpipe("check", str(artifacts[1]), "--baseline", str(baseline), "--tolerance", "25%",
+    worse = optpipe("check", str(slowed_pair[1]), "--baseline", str(baseline), "--tolerance", "25%",
                     "--seconds", "30", "--json", str(out_json), "--markdown", str(out_md))
     assert worse.returncode == 3, worse.stdout + worse.stderr
     verdict = json.loads(out_json.read_text())
@@ -74,7 +69,7 @@ def test_slowed_copy_is_flagged_on_cpu_time_and_the_check_stops_early(artifacts,
     assert "| measure |" in md and "| cpu |" in md and "CPU time of the calling thread" in md
     assert "stopped early" in md and "log-ratio sd" in md
     # A clear ok stops early as well.
-    same = check(artifacts[0], baseline, tolerance=0.25, seconds=30)
+    same = check(slowed_pair[0], baseline, tolerance=0.25, seconds=30)
     assert same.status == "ok" and same.stopped_early and same.seconds < 30
 
 
@@ -90,14 +85,14 @@ def test_verdict_statuses_on_synthetic_samples():
     assert regress._verdict(0.95, straddles * 0.94, 500, 0.01, fail_inconclusive=True)[2:4] == ("ok", 0)
 
 
-def test_inconclusive_exit_codes_through_the_cli(artifacts, baseline, tmp_path, monkeypatch, capsys):
+def test_inconclusive_exit_codes_through_the_cli(slowed_pair, baseline, tmp_path, monkeypatch, capsys):
     """The statistics are forced to straddle the limit (real sessions still run); the exit code and outputs."""
     from optpipe.cli.main import main
 
     wide = np.exp(np.random.default_rng(0).normal(np.log(1.01), 0.01, 2000))
     monkeypatch.setattr(regress, "_distribution", lambda logs: (1.01, wide))  # recorded-figures mode
     monkeypatch.setattr(regress, "_t_distribution", lambda estimates: (1.01, wide))  # session epochs
-    args = ["check", str(artifacts[0]), "--baseline", str(baseline), "--tolerance", "1%", "--seconds", "0.5"]
+    args = ["check", str(slowed_pair[0]), "--baseline", str(baseline), "--tolerance", "1%", "--seconds", "0.5"]
     assert main(args + ["--json", str(tmp_path / "v.json")]) == 0
     out = capsys.readouterr().out
     assert "optpipe check: inconclusive" in out and "inconclusive: ratio" in out and "not failing the job" in out
@@ -109,21 +104,21 @@ def test_inconclusive_exit_codes_through_the_cli(artifacts, baseline, tmp_path, 
     assert (tmp_path / "v.md").read_text().startswith("### optpipe check: inconclusive")
 
 
-def test_recorded_figures_are_compared_on_their_own_clock(artifacts, tmp_path):
+def test_recorded_figures_are_compared_on_their_own_clock(slowed_pair, tmp_path):
     path = tmp_path / "wall.json"
-    updated = check(artifacts[0], path, update=True, threads=1, seconds=0.5, measure="wall")
+    updated = check(slowed_pair[0], path, update=True, threads=1, seconds=0.5, measure="wall")
     assert updated.measure == "wall" and load_baseline(path)["figures"]["measure"] == "wall"
     data = load_baseline(path)
     data["reference"]["path"] = "gone"
     path.write_text(json.dumps(data))
-    result = check(artifacts[0], path, tolerance=0.25, seconds=0.5, measure="cpu")
+    result = check(slowed_pair[0], path, tolerance=0.25, seconds=0.5, measure="cpu")
     assert result.mode == "recorded" and result.measure == "wall"
     assert any("recorded figures are wall time" in note for note in result.notes)
     with pytest.raises(BaselineError, match="recorded figures are of the forward workload, not decode"):
-        check(artifacts[0], path, seconds=0.5, workload="decode")
+        check(slowed_pair[0], path, seconds=0.5, workload="decode")
     del data["figures"]["measure"], data["settings"]["measure"]  # a baseline from before the measure setting
     path.write_text(json.dumps(data))
-    assert check(artifacts[0], path, tolerance=0.25, seconds=0.5).measure == "wall"
+    assert check(slowed_pair[0], path, tolerance=0.25, seconds=0.5).measure == "wall"
 
 
 def test_decoder_decode_workload_on_cpu_time(arch_dirs, tmp_path):

@@ -13,31 +13,26 @@ from tests.test_cli import assert_one_line_error, optpipe
 FAST = ["--seconds", "1.5"]
 
 
-@pytest.fixture(scope="module")
-def artifacts(tiny_fp32_and_slowed):
-    return tiny_fp32_and_slowed
-
-
 @pytest.fixture()
-def baseline(artifacts, tmp_path):
+def baseline(slowed_pair, tmp_path):
     path = tmp_path / "ci" / "baseline.json"
-    result = check(artifacts[0], path, update=True, threads=1, seconds=1.0)
+    result = check(slowed_pair[0], path, update=True, threads=1, seconds=1.0)
     assert result.status == "updated" and result.exit_code == 0
     return path
 
 
-def test_baseline_round_trip(artifacts, baseline):
+def test_baseline_round_trip(slowed_pair, baseline):
     data = load_baseline(baseline)
     assert data["machine"]["cpu"] and data["machine"]["cores"] >= 1 and data["machine"]["threads"] == 1
     assert data["machine"]["onnxruntime"] and "torch" in data["machine"]["versions"]
-    assert data["reference"]["sha256"] == fingerprint(artifacts[0]) and data["reference"]["target"] == "cpu-fp32"
+    assert data["reference"]["sha256"] == fingerprint(slowed_pair[0]) and data["reference"]["target"] == "cpu-fp32"
     assert not data["reference"]["path"].startswith("/")  # relative to the baseline file: the repo can move
-    assert (baseline.parent / data["reference"]["path"]).resolve() == artifacts[0].resolve()
+    assert (baseline.parent / data["reference"]["path"]).resolve() == slowed_pair[0].resolve()
     assert 0 < data["figures"]["p50_ms"] <= data["figures"]["p99_ms"] and data["settings"]["seq"] == 128
 
 
-def test_same_artifact_passes_and_slower_one_fails(artifacts, baseline, tmp_path):
-    fp32, slow = artifacts
+def test_same_artifact_passes_and_slower_one_fails(slowed_pair, baseline, tmp_path):
+    fp32, slow = slowed_pair
     same = optpipe("check", str(fp32), "--baseline", str(baseline), "--tolerance", "25%", *FAST)
     assert same.returncode == 0, same.stdout + same.stderr
     assert "ok" in same.stdout and "interleaved" in same.stdout
@@ -51,8 +46,8 @@ def test_same_artifact_passes_and_slower_one_fails(artifacts, baseline, tmp_path
     assert out_md.read_text().startswith("### optpipe check: regression")
 
 
-def test_update_makes_the_candidate_the_reference(artifacts, baseline):
-    fp32, slow = artifacts
+def test_update_makes_the_candidate_the_reference(slowed_pair, baseline):
+    fp32, slow = slowed_pair
     result = optpipe("check", str(slow), "--baseline", str(baseline), "--update", "--seconds", "1")
     assert result.returncode == 0 and "updated" in result.stdout
     assert load_baseline(baseline)["reference"]["sha256"] == fingerprint(slow)
@@ -60,32 +55,32 @@ def test_update_makes_the_candidate_the_reference(artifacts, baseline):
     assert faster.exit_code == 0 and faster.ratio.high < 1.0
 
 
-def test_without_the_reference_same_machine_uses_the_recorded_figures(artifacts, baseline):
+def test_without_the_reference_same_machine_uses_the_recorded_figures(slowed_pair, baseline):
     data = load_baseline(baseline)
     data["reference"]["path"] = "gone"
     baseline.write_text(json.dumps(data))
-    result = check(artifacts[1], baseline, tolerance=0.25, seconds=1.5)
+    result = check(slowed_pair[1], baseline, tolerance=0.25, seconds=1.5)
     assert result.mode == "recorded" and result.exit_code == 3
     assert any("recorded figures" in note for note in result.notes)
 
 
-def test_other_machine_class_cannot_judge(artifacts, baseline):
+def test_other_machine_class_cannot_judge(slowed_pair, baseline):
     data = load_baseline(baseline)
     data["machine"]["cpu"] = "Some Other CPU"
     baseline.write_text(json.dumps(data))
     # The reference is at hand: both are timed here, so the ratio is still fair (and the difference noted).
-    judged = check(artifacts[0], baseline, tolerance=0.25, seconds=1.0)
+    judged = check(slowed_pair[0], baseline, tolerance=0.25, seconds=1.0)
     assert judged.mode == "interleaved" and any("Some Other CPU" in note for note in judged.notes)
     data["reference"]["path"] = "gone"
     baseline.write_text(json.dumps(data))
-    result = optpipe("check", str(artifacts[0]), "--baseline", str(baseline), *FAST)
+    result = optpipe("check", str(slowed_pair[0]), "--baseline", str(baseline), *FAST)
     assert result.returncode == 1  # bad input: this baseline cannot judge here
     assert_one_line_error(result, "cannot judge")
 
 
-def test_missing_provider_is_exit_4_with_the_install_line(artifacts, baseline, tmp_path):
+def test_missing_provider_is_exit_4_with_the_install_line(slowed_pair, baseline, tmp_path):
     gpu = tmp_path / "gpu"
-    shutil.copytree(artifacts[0], gpu)
+    shutil.copytree(slowed_pair[0], gpu)
     manifest = json.loads((gpu / "manifest.json").read_text())
     manifest["target"]["provider"] = "CUDAExecutionProvider"
     (gpu / "manifest.json").write_text(json.dumps(manifest))
@@ -95,7 +90,7 @@ def test_missing_provider_is_exit_4_with_the_install_line(artifacts, baseline, t
     assert "pip install" in result.stderr
 
 
-def test_unusable_inputs_are_one_line(artifacts, baseline, tmp_path, capsys):
+def test_unusable_inputs_are_one_line(slowed_pair, baseline, tmp_path, capsys):
     """In-process through the CLI's main() (the exit codes above run as subprocesses; these need no timing)."""
     from optpipe.cli.main import main
 
@@ -105,16 +100,16 @@ def test_unusable_inputs_are_one_line(artifacts, baseline, tmp_path, capsys):
         assert "Traceback" not in err and len([l for l in err.splitlines() if l.startswith("optpipe: error:")]) == 1
         return code, err
 
-    assert run("check", str(artifacts[0]), "--baseline", str(tmp_path / "none.json")) == (
+    assert run("check", str(slowed_pair[0]), "--baseline", str(tmp_path / "none.json")) == (
         1, f"optpipe: error: baseline {tmp_path / 'none.json'} does not exist; record one with: optpipe check "
            f"ARTIFACT --baseline {tmp_path / 'none.json'} --update\n")
     (tmp_path / "bad.json").write_text("{not json")
-    code, err = run("check", str(artifacts[0]), "--baseline", str(tmp_path / "bad.json"))
+    code, err = run("check", str(slowed_pair[0]), "--baseline", str(tmp_path / "bad.json"))
     assert code == 1 and "unreadable" in err
-    code, err = run("check", str(artifacts[0]), "--baseline", str(baseline), "--tolerance", "lots")
+    code, err = run("check", str(slowed_pair[0]), "--baseline", str(baseline), "--tolerance", "lots")
     assert code == 1 and "--tolerance" in err
     corrupt = tmp_path / "corrupt"
-    shutil.copytree(artifacts[0], corrupt)
+    shutil.copytree(slowed_pair[0], corrupt)
     (corrupt / "manifest.json").write_text("garbage")
     code, err = run("check", str(corrupt), "--baseline", str(baseline))
     assert code == 1 and "unreadable or corrupt" in err
