@@ -115,26 +115,64 @@ class GraphWriter:
         return self.op("GatherBlockQuantized", inputs, "model.embed_tokens/GatherBlockQuantized", domain=MS,
                        bits=w.bits, block_size=w.block_size, gather_axis=0, quantize_axis=1)
 
-    def block_sums(self, x: str, k_blocks: int, block_size: int, prefix: str) -> str:
-        """Sums of x over blocks of its last axis, computed once per input (q/k/v and gate/up share theirs)."""
-        key = (x, k_blocks, block_size)
+    def block_sums(self, x: str, k: int, block_size: int, prefix: str) -> str:
+        """Sums of x over blocks of its last axis, as x @ S (S: [k, k_blocks] of 0 and 1), computed once per input
+        and block size: one node where Reshape + ReduceSum are two (every node costs a dispatch on a decode step)."""
+        key = (x, k, block_size)
         if key not in self._block_sums:
-            shape = self.const(f"blocks_{k_blocks}x{block_size}", [0, 0, k_blocks, block_size])
-            blocks = self.op("Reshape", [x, shape], f"{prefix}/BlockReshape")
-            self._block_sums[key] = self.op("ReduceSum", [blocks, self.const("last_axis", [-1])],
-                                            f"{prefix}/BlockSum", keepdims=0)
+            k_blocks = (k + block_size - 1) // block_size
+            ones = (np.arange(k)[:, None] // block_size == np.arange(k_blocks)[None, :]).astype(np.float32)
+            self._block_sums[key] = self.op("MatMul", [x, self.const(f"block_sums_{k}x{block_size}", ones,
+                                                                     np.float32)], f"{prefix}/BlockSum")
         return self._block_sums[key]
 
     def linear(self, x: str, prefix: str) -> str:
         """y = x @ W.T (+ b) for the HF nn.Linear `prefix` (e.g. model.layers.0.self_attn.q_proj)."""
         w_name, b_name = f"{prefix}.weight", f"{prefix}.bias"
-        w = self.weight(w_name)
         bias = self.float_weight(b_name) if b_name in self.params else None
-        if isinstance(w, NBitsWeight):
+        return self._write_linear(x, prefix, [w_name], self._checked_weight(w_name), bias)
+
+    def linears(self, x: str, prefixes: list[str], packed: str) -> tuple[str, list[int]] | None:
+        """The linears `prefixes`, which read the same x, as one node with their output rows stacked (`packed`
+        names it: q/k/v -> qkv_proj, as GroupQueryAttention's packed input and the GenAI builder have them).
+
+        Returns (output, widths), or None when their weights differ in form (float beside NBits, other bits or
+        block size, biases on some only): then the caller writes them one by one. Every output column is computed
+        as in its own node, so the numbers are the same; the step runs fewer, larger kernels.
+        """
+        names = [f"{p}.weight" for p in prefixes]
+        weights = [self._checked_weight(n) for n in names]
+        biases = [f"{p}.bias" in self.params for p in prefixes]
+        if len(set(biases)) != 1 or len({_form(w) for w in weights}) != 1:
+            return None
+        bias = np.concatenate([self.float_weight(f"{p}.bias") for p in prefixes]) if biases[0] else None
+        if isinstance(weights[0], NBitsWeight):
+            first = weights[0]
+            def rows(attr):  # noqa: E306
+                parts = [getattr(w, attr) for w in weights]
+                return None if parts[0] is None else np.concatenate([a.reshape(w.n, -1) for a, w in zip(parts, weights)])
+            zp = rows("zero_points")
+            weight = NBitsWeight(rows("packed"), rows("scales").reshape(-1), None if zp is None else
+                                 (zp if zp.dtype == np.uint8 else zp.reshape(-1)), first.bits, first.block_size,
+                                 first.k, sum(w.n for w in weights))
+        else:
+            weight = np.concatenate(weights, axis=0)
+        widths = [w.n if isinstance(w, NBitsWeight) else w.shape[0] for w in weights]
+        return self._write_linear(x, packed, names, weight, bias), widths
+
+    def _checked_weight(self, w_name: str) -> np.ndarray | NBitsWeight:
+        w = self.weight(w_name)
+        if isinstance(w, NBitsWeight) and (w.n, w.k) != self.params[w_name].shape:
             n, k = self.params[w_name].shape
-            if (w.n, w.k) != (n, k):
-                raise ValueError(f"weights({w_name!r}) is an NBitsWeight for [{w.n}, {w.k}], the model has [{n}, {k}]")
-            self.nbits.append(w_name)
+            raise ValueError(f"weights({w_name!r}) is an NBitsWeight for [{w.n}, {w.k}], the model has [{n}, {k}]")
+        return w
+
+    def _write_linear(self, x: str, prefix: str, w_names: list[str], w: np.ndarray | NBitsWeight,
+                      bias: np.ndarray | None) -> str:
+        """y = x @ W.T (+ bias) as MatMul or MatMulNBits; initializers are named `prefix`.weight…"""
+        w_name = f"{prefix}.weight"
+        if isinstance(w, NBitsWeight):
+            self.nbits.extend(w_names)
             inputs = [x, self.add_init(f"{w_name}.qweight", w.packed.reshape(w.n, w.k_blocks, -1).astype(np.uint8)),
                       self.add_init(f"{w_name}.scales", w.scales.reshape(w.n, w.k_blocks).astype(np.float32))]
             zp, offsets = w.zero_points, None
@@ -153,18 +191,18 @@ class GraphWriter:
                 zp = zp.reshape(w.n, -1) if zp.dtype == np.uint8 else zp.reshape(w.n, w.k_blocks).astype(np.float32)
                 inputs.append(self.add_init(f"{w_name}.qzeros", zp))
             if bias is not None:
-                inputs += [""] * (4 - len(inputs)) + [self.add_init(b_name, bias)]
-            y = self.op("MatMulNBits", inputs, f"{prefix}/MatMulNBits", domain=MS, K=k, N=n, bits=w.bits,
+                inputs += [""] * (4 - len(inputs)) + [self.add_init(f"{prefix}.bias", bias)]
+            y = self.op("MatMulNBits", inputs, f"{prefix}/MatMulNBits", domain=MS, K=w.k, N=w.n, bits=w.bits,
                         block_size=w.block_size, accuracy_level=self.accuracy_level)
             if offsets is None:
                 return y
-            shift = self.op("MatMul", [self.block_sums(x, w.k_blocks, w.block_size, prefix),
+            shift = self.op("MatMul", [self.block_sums(x, w.k, w.block_size, prefix),
                                        self.add_init(f"{w_name}.offsets_T", offsets.T.copy())],
                             f"{prefix}/BlockOffsets")
             return self.op("Add", [y, shift], f"{prefix}/AddBlockOffsets")
         y = self.op("MatMul", [x, self.add_init(f"{w_name}.T", w.T)], f"{prefix}/MatMul")
         if bias is not None:
-            y = self.op("Add", [y, self.add_init(b_name, bias)], f"{prefix}/Add")
+            y = self.op("Add", [y, self.add_init(f"{prefix}.bias", bias)], f"{prefix}/Add")
         return y
 
     # ---- blocks ----
@@ -183,12 +221,11 @@ class GraphWriter:
 
     def attention(self, x: str, prefix: str, shape: LayerShape, layer: int, lengths: tuple[str, str],
                   rope: tuple[str, str]) -> str:
-        q = self.linear(x, f"{prefix}.q_proj")
-        k = self.linear(x, f"{prefix}.k_proj")
-        v = self.linear(x, f"{prefix}.v_proj")
+        packed = self.linears(x, [f"{prefix}.{p}_proj" for p in "qkv"], f"{prefix}.qkv_proj")
+        qkv = [packed[0], "", ""] if packed else [self.linear(x, f"{prefix}.{p}_proj") for p in "qkv"]
         seqlens_k, total_len = lengths
         outs = self.node("GroupQueryAttention",
-                         [q, k, v, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", seqlens_k,
+                         [*qkv, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", seqlens_k,
                           total_len, rope[0], rope[1]], f"{prefix}/GroupQueryAttention", n_out=3, domain=MS,
                          num_heads=shape.heads, kv_num_heads=shape.kv_heads, do_rotary=1, rotary_interleaved=0,
                          local_window_size=shape.local_window, scale=float(shape.head_dim ** -0.5))
@@ -197,8 +234,13 @@ class GraphWriter:
         return self.linear(outs[0], f"{prefix}.o_proj")
 
     def mlp(self, x: str, prefix: str) -> str:
-        gate = self.linear(x, f"{prefix}.gate_proj")
-        up = self.linear(x, f"{prefix}.up_proj")
+        packed = self.linears(x, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], f"{prefix}.gate_up_proj")
+        if packed:
+            (y, widths) = packed
+            gate, up = self.node("Split", [y, self.const(f"split_{widths[0]}_{widths[1]}", widths)],
+                                 f"{prefix}/Split", n_out=2, axis=-1)
+        else:
+            gate, up = self.linear(x, f"{prefix}.gate_proj"), self.linear(x, f"{prefix}.up_proj")
         silu = self.op("Mul", [gate, self.op("Sigmoid", [gate], f"{prefix}/act_fn/Sigmoid")], f"{prefix}/act_fn/Mul")
         return self.linear(self.op("Mul", [silu, up], f"{prefix}/Mul"), f"{prefix}.down_proj")
 
@@ -214,6 +256,14 @@ class GraphWriter:
         attn = self.attention(normed, f"{prefix}.self_attn", shape, layer, lengths, rope)
         normed, residual = self.skip_rms_norm(attn, residual, f"{prefix}.post_attention_layernorm.weight", shape.eps)
         return self.mlp(normed, f"{prefix}.mlp"), residual
+
+
+def _form(w: np.ndarray | NBitsWeight) -> tuple:
+    """What must agree for weights to share one MatMul / MatMulNBits node."""
+    if not isinstance(w, NBitsWeight):
+        return ("float", w.shape[1])
+    zp = "none" if w.zero_points is None else str(w.zero_points.dtype)
+    return ("nbits", w.bits, w.block_size, w.k, zp)
 
 
 def kv_value_info(layer: int, kind: str, io: str, shape: LayerShape):

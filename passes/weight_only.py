@@ -68,9 +68,9 @@ class WeightOnlyReport(Report):
     components: dict[str, WeightOnlyComponent] = field(default_factory=dict)
 
 
-# MatMuls the decoder builder writes beside carried GGUF blocks (their per-block offsets): part of an exact
-# weight, not a layer of their own, so never re-quantized.
-BLOCK_OFFSETS = "/BlockOffsets"
+# MatMuls the decoder builder writes beside carried GGUF blocks (the input's block sums, their per-block offsets):
+# part of an exact weight, not a layer of their own, so never re-quantized.
+BLOCK_OFFSETS = ("/BlockSum", "/BlockOffsets")
 
 
 def weight_matmuls(model) -> dict[str, str]:

@@ -110,6 +110,9 @@ def test_graph_is_fused(built, arch):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
     assert attrs["do_rotary"] == 1 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
     assert attrs["local_window_size"] == (6 if arch == "mistral" else -1)
+    # q/k/v packed into one linear (GQA's packed input: key and value empty), gate/up into one, split after it
+    assert list(gqa[0].input[1:3]) == ["", ""] and gqa[0].input[0].startswith("model.layers.0.self_attn.qkv_proj/")
+    assert ops.count("MatMul") == 4 * layers + (arch != "qwen2") and ops.count("Split") == layers
     session = _session(out / "model.onnx")
     assert [i.name for i in session.get_inputs()][:2] == ["input_ids", "attention_mask"]
     assert "position_ids" not in [i.name for i in session.get_inputs()]
