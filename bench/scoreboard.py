@@ -158,7 +158,9 @@ def main() -> int:
               "machine": machine_facts(args.threads), "reference": "optpipe cpu-fp32", "rows": rows,
               "load_average": load, "failures": failures}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"scoreboard-{started.strftime('%Y%m%d')}"
+    from optpipe.perf.isa import isa_family
+
+    stem = f"scoreboard-{started.strftime('%Y%m%d')}-{isa_family()}"  # one file per CPU family measured
     tmp = args.out / f".{stem}.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(args.out / f"{stem}.json")
