@@ -175,6 +175,15 @@ def _log_progress(event: Any) -> None:
     (log.debug if isinstance(event, Tick) else log.info)("%s", event)
 
 
+def _hint(result: PipelineResult) -> str:
+    """What to try when a weight-only artifact misses its gate: mixed precision, unless it was already asked."""
+    for step in result.steps:
+        if step.name == "weight_only" and not step.config.get("sensitivity_fallback"):
+            return ("; to keep the decoder layers that quantization hurts most in float, try "
+                    "--set weight_only.sensitivity_fallback=5 (README: mixed precision)")
+    return ""
+
+
 def _validated_manifest(source: ModelSource, target: Target, result: PipelineResult, staged: ModelFiles,
                         say: Callable[[str], None]) -> dict[str, Any]:
     """Validate the staged artifact against the original model; its manifest, or ValidationFailedError."""
@@ -193,7 +202,7 @@ def _validated_manifest(source: ModelSource, target: Target, result: PipelineRes
     if not validation.passed:
         raise ValidationFailedError(
             f"validation failed for {target.name}: {'; '.join(validation.failures)} "
-            f"(metrics: {_fmt(validation.metrics)}); nothing was published"
+            f"(metrics: {_fmt(validation.metrics)}); nothing was published{_hint(result)}"
         )
     source_bytes = sum(p.stat().st_size for p in source.path.rglob("*") if p.is_file()
                        and p.suffix in (".safetensors", ".bin"))

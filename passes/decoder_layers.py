@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from optpipe.passes.nbits import NBitsWeight
+from optpipe.passes.nbits import NBitsWeight, stack_rows, weight_form
 
 MS = "com.microsoft"
 WeightSource = Callable[[str], "np.ndarray | NBitsWeight | None"]
@@ -133,30 +133,16 @@ class GraphWriter:
         return self._write_linear(x, prefix, [w_name], self._checked_weight(w_name), bias)
 
     def linears(self, x: str, prefixes: list[str], packed: str) -> tuple[str, list[int]] | None:
-        """The linears `prefixes`, which read the same x, as one node with their output rows stacked (`packed`
-        names it: q/k/v -> qkv_proj, as GroupQueryAttention's packed input and the GenAI builder have them).
-
-        Returns (output, widths), or None when their weights differ in form (float beside NBits, other bits or
-        block size, biases on some only): then the caller writes them one by one. Every output column is computed
-        as in its own node, so the numbers are the same; the step runs fewer, larger kernels.
-        """
+        """Linears reading the same x as one node, output rows stacked (`packed` names it: q/k/v -> qkv_proj, as
+        GroupQueryAttention's packed input and the GenAI builder have them): fewer, larger kernels. Returns
+        (output, widths), or None when the weights differ in form (float beside NBits, bits, biases on some)."""
         names = [f"{p}.weight" for p in prefixes]
         weights = [self._checked_weight(n) for n in names]
         biases = [f"{p}.bias" in self.params for p in prefixes]
-        if len(set(biases)) != 1 or len({_form(w) for w in weights}) != 1:
+        if len(set(biases)) != 1 or len({weight_form(w) for w in weights}) != 1:
             return None
         bias = np.concatenate([self.float_weight(f"{p}.bias") for p in prefixes]) if biases[0] else None
-        if isinstance(weights[0], NBitsWeight):
-            first = weights[0]
-            def rows(attr):  # noqa: E306
-                parts = [getattr(w, attr) for w in weights]
-                return None if parts[0] is None else np.concatenate([a.reshape(w.n, -1) for a, w in zip(parts, weights)])
-            zp = rows("zero_points")
-            weight = NBitsWeight(rows("packed"), rows("scales").reshape(-1), None if zp is None else
-                                 (zp if zp.dtype == np.uint8 else zp.reshape(-1)), first.bits, first.block_size,
-                                 first.k, sum(w.n for w in weights))
-        else:
-            weight = np.concatenate(weights, axis=0)
+        weight = stack_rows(weights) if isinstance(weights[0], NBitsWeight) else np.concatenate(weights, axis=0)
         widths = [w.n if isinstance(w, NBitsWeight) else w.shape[0] for w in weights]
         return self._write_linear(x, packed, names, weight, bias), widths
 
@@ -256,14 +242,6 @@ class GraphWriter:
         attn = self.attention(normed, f"{prefix}.self_attn", shape, layer, lengths, rope)
         normed, residual = self.skip_rms_norm(attn, residual, f"{prefix}.post_attention_layernorm.weight", shape.eps)
         return self.mlp(normed, f"{prefix}.mlp"), residual
-
-
-def _form(w: np.ndarray | NBitsWeight) -> tuple:
-    """What must agree for weights to share one MatMul / MatMulNBits node."""
-    if not isinstance(w, NBitsWeight):
-        return ("float", w.shape[1])
-    zp = "none" if w.zero_points is None else str(w.zero_points.dtype)
-    return ("nbits", w.bits, w.block_size, w.k, zp)
 
 
 def kv_value_info(layer: int, kind: str, io: str, shape: LayerShape):

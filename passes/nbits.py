@@ -55,3 +55,22 @@ class NBitsWeight:
             zp = self.zero_points.reshape(self.n, self.k_blocks, 1).astype(np.float32)
         values = (q.astype(np.float32) - zp) * scales
         return values.reshape(self.n, -1)[:, : self.k]
+
+
+def weight_form(w: "np.ndarray | NBitsWeight") -> tuple:
+    """What weights must share to be one MatMul (float: k) or one MatMulNBits node (bits, block, k, zero points)."""
+    if not isinstance(w, NBitsWeight):
+        return ("float", w.shape[1])
+    return ("nbits", w.bits, w.block_size, w.k, "none" if w.zero_points is None else str(w.zero_points.dtype))
+
+
+def stack_rows(weights: list[NBitsWeight]) -> NBitsWeight:
+    """Weights of one `weight_form` stacked along n (their output rows), as one MatMulNBits holds them."""
+    def rows(attr: str) -> np.ndarray | None:
+        parts = [getattr(w, attr) for w in weights]
+        return None if parts[0] is None else np.concatenate([a.reshape(w.n, -1) for a, w in zip(parts, weights)])
+
+    first, zp = weights[0], rows("zero_points")
+    zp = zp if zp is None or zp.dtype == np.uint8 else zp.reshape(-1)
+    return NBitsWeight(rows("packed"), rows("scales").reshape(-1), zp, first.bits, first.block_size, first.k,
+                       sum(w.n for w in weights))

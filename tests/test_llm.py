@@ -115,3 +115,49 @@ def test_gguf_q4_source_carries_its_blocks_to_cpu_int4(tmp_path, tokenizer_field
         assert ops["GatherBlockQuantized"] == 1  # the embedding stays in its blocks: no float table is stored
         stored = {i.name for i in onnx.load(str(art.path / "model.onnx")).graph.initializer}
         assert "model.embed_tokens.weight" not in stored
+
+
+def test_mixed_precision_keeps_the_most_sensitive_layer_float(decoder_dirs, tmp_path):
+    """weight_only.sensitivity_fallback=1: each layer quantized alone, scored by next-token KL on the calibration
+    texts; the worst one keeps its linears float and the report says which and why."""
+    art = optimize(str(decoder_dirs("llama")), "cpu-int8", tmp_path / "mixed",
+                   overrides=["weight_only.sensitivity_fallback=1"])
+    report = art.manifest["passes"][2]["report"]["components"]["model.onnx"]
+    scores = {int(layer): kl for layer, kl in report["layer_sensitivity"].items()}
+    assert sorted(scores) == [0, 1] and all(kl > 0 for kl in scores.values())
+    worst = max(scores, key=scores.get)
+    assert report["kept_by_sensitivity"] == [f"layer {worst}"]
+    kept = [name for name, why in report["kept_float"].items() if "by sensitivity" in why]
+    graph = onnx.load(str(art.path / "model.onnx")).graph
+    assert kept and set(kept) <= {n.name for n in graph.node if n.op_type == "MatMul"}
+    assert all(f"model.layers.{worst}." in name for name in kept)
+    nbits = [n.name for n in graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and not any(f"model.layers.{worst}." in name for name in nbits)
+    assert art.manifest["validation"]["passed"]
+
+
+def test_tied_head_is_quantized_through_its_own_copy(decoder_dirs, tmp_path):
+    """qwen2's lm_head is tied: cpu-int8 gives it an 8-bit copy; the embedding Gather keeps the float table."""
+    art = optimize(str(decoder_dirs("qwen2")), "cpu-int8", tmp_path / "tied")
+    report = art.manifest["passes"][2]["report"]["components"]["model.onnx"]
+    assert "8-bit (its own copy of the tied embedding table" in report["lm_head"]
+    graph = onnx.load(str(art.path / "model.onnx")).graph
+    assert [n.name for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("lm_head")]
+    assert any(n.op_type == "Gather" and n.input[0] == "model.embed_tokens.weight" for n in graph.node)
+    assert art.manifest["validation"]["passed"]
+
+
+def test_a_refused_weight_only_artifact_suggests_mixed_precision(decoder_dirs, tmp_path):
+    from optpipe.errors import ValidationFailedError
+
+    with pytest.raises(ValidationFailedError, match=r"--set weight_only\.sensitivity_fallback=5"):
+        optimize(str(decoder_dirs("llama")), "cpu-int8", tmp_path / "x", overrides=["validate.perplexity_ratio=0.5"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_layer_groups_read_the_layer_index_from_node_names():
+    from optpipe.passes.weight_sensitivity import layer_groups
+
+    names = ["model.layers.12.mlp.down_proj/MatMul", "/transformer/h.3/attn/c_attn/MatMul",
+             "model.layers.12.self_attn.qkv_proj/MatMul", "lm_head/Gemm"]
+    assert layer_groups(names) == {3: [names[1]], 12: [names[0], names[2]]}

@@ -30,6 +30,11 @@ def _brief(report: dict[str, Any]) -> str:
             parts.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in comp["integer_ops"].items())
                          + (f"; {outliers} FFN outlier channels in float" if outliers else "")
                          + (f"; {kept} kept float" if kept else ""))
+        elif "quantized" in comp:  # weight_only
+            bits = ", ".join(f"{n} to {b}-bit" for b, n in comp["quantized"].items()) or "nothing quantized"
+            sensitive = comp.get("kept_by_sensitivity")
+            parts.append(f"{name}: {bits}" + (f", {comp['carried']} carried over" if comp.get("carried") else "")
+                         + (f"; kept float by sensitivity: {', '.join(sensitive)}" if sensitive else ""))
     if not parts and "components" in report and isinstance(report["components"], list):
         parts.append(", ".join(report["components"]))
     for key in ("note", "sparsity", "chosen"):
