@@ -178,7 +178,9 @@ def _log_progress(event: Any) -> None:
 def _hint(result: PipelineResult) -> str:
     """What to try when a weight-only artifact misses its gate: mixed precision, unless it was already asked."""
     for step in result.steps:
-        if step.name == "weight_only" and not step.config.get("sensitivity_fallback"):
+        if step.name != "weight_only" or step.config.get("sensitivity_fallback"):
+            continue
+        if any(component.get("quantized") for component in step.report.get("components", {}).values()):
             return ("; to keep the decoder layers that quantization hurts most in float, try "
                     "--set weight_only.sensitivity_fallback=5 (README: mixed precision)")
     return ""
