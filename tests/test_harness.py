@@ -77,6 +77,34 @@ def test_decoder_prefill_and_decode_are_both_measured(arch_dirs, tmp_path):
     assert [r.workload for r in rows] == ["prefill", "decode"]
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_steps_through_the_kv_cache(arch_dirs, tmp_path, arch):
+    """bench --new-tokens: greedy steps feed present.* back as past_key_values.*; after 3 steps the logits equal a
+    fresh prefill of the prompt plus the 3 tokens (optimum's gpt2 export, and optpipe's fused llama graph)."""
+    from optpipe import optimize
+    from optpipe.perf.inputs import feed_for, next_step_feed
+
+    art = optimize(str(arch_dirs(arch)), "cpu-fp32", tmp_path / arch, pipeline="export")
+    model = open_artifact(art.path, threads=1)
+    generate = [w for w in workloads(art.path, model.sessions, 1, 8, new_tokens=3) if w.name == "generate"]
+    assert len(generate) == 1 and generate[0].new_tokens == 3
+    session = model.sessions[generate[0].component]
+    names = [o.name for o in session.get_outputs()]
+    feed, tokens = generate[0].feed, []
+    outputs = dict(zip(names, session.run(None, feed)))
+    for _ in range(3):
+        feed = next_step_feed(feed, outputs)
+        tokens.append(int(feed["input_ids"][0, 0]))
+        outputs = dict(zip(names, session.run(None, feed)))
+    assert feed["attention_mask"].shape == (1, 11) and feed["past_key_values.0.key"].shape[2] == 10
+    ids = np.concatenate([generate[0].feed["input_ids"], [tokens]], axis=1)
+    fresh = feed_for(session, ids, np.ones_like(ids), 0, ids.shape[1], np.random.default_rng(0))
+    reference = dict(zip(names, session.run(None, fresh)))["logits"][0, -1]
+    assert np.abs(outputs["logits"][0, -1] - reference).max() < 1e-4
+    rows = bench([art.path], [1], [8], threads=1, runs=2, new_tokens=3).rows
+    assert [r.workload for r in rows] == ["prefill", "decode", "generate"] and rows[-1].p50_ms > 0
+
+
 def test_interleaved_ratios_see_an_injected_slowdown(tiny_fp32, tiny_slow):
     same, slow = interleaved_ratios([tiny_fp32, tiny_fp32, tiny_slow], seq=64, threads=1, seconds=3)[1:]
     assert slow.low > 1.5 and slow.verdict() == "slower"

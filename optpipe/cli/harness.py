@@ -32,7 +32,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from optpipe.perf.inputs import parse_seqs
 
     result = bench(args.artifacts, _ints(args.batch), parse_seqs(args.seq), threads=args.threads, warmup=args.warmup,
-                   runs=args.runs, seconds=args.seconds, progress=args.progress)
+                   runs=args.runs, seconds=args.seconds, progress=args.progress, new_tokens=args.new_tokens)
     print(f"\ninterleaved, spinning off, threads {args.threads or 'ORT default'}; ratio = latency / "
           f"{_short(args.artifacts[0])}'s, 95% interval")
     print(f"{'artifact':<28} {'provider':<10} {'workload':<12} {'bs':>3} {'seq':>4} {'runs':>5} {'p50 ms':>9} "
@@ -97,6 +97,9 @@ def add_harness_parsers(sub) -> None:
     budget = bench.add_mutually_exclusive_group()
     budget.add_argument("--runs", type=int, help="interleaved rounds per shape")
     budget.add_argument("--seconds", type=float, default=5.0, help="time budget per shape (default 5)")
+    bench.add_argument("--new-tokens", type=int, default=0, metavar="N",
+                       help="decoders: also time N greedy tokens after the prompt ('generate': ms per new token, "
+                       "seq/s = tokens/s); prefill is time to first token (default 0: off)")
     bench.add_argument("--json", metavar="FILE", help="write all figures as JSON")
 
     compare = sub.add_parser("compare", help="latency ratio B/A, interleaved, with a 95%% interval and a verdict")

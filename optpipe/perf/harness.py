@@ -22,7 +22,7 @@ import numpy as np
 from optpipe.artifact import Artifact
 from optpipe.errors import InvalidOptionError
 from optpipe.passbase import track
-from optpipe.perf.inputs import REAL, REAL_SEQ, Workload, seq_name, seq_value, workloads
+from optpipe.perf.inputs import REAL, REAL_SEQ, Workload, next_step_feed, seq_name, seq_value, workloads
 from optpipe.perf.stats import RatioEstimate, paired_ratio
 from optpipe.session import require_provider, target_session
 
@@ -84,8 +84,11 @@ class Measured:
     feeds: dict[tuple[str, int, int], Workload] = field(default_factory=dict)
 
     def run(self, workload: Workload, clock: str = "wall") -> float:
-        """Seconds of one `session.run` on `clock` (CLOCKS): wall time, or this thread's CPU time."""
+        """Seconds of one `session.run` on `clock` (CLOCKS): wall time, or this thread's CPU time. A "generate"
+        workload: the prompt, then its greedy steps, timed; seconds per new token."""
         session = self.sessions[workload.component]
+        if workload.new_tokens:
+            return self._generate(session, workload, clock)
         if clock == "cpu":
             start_ns = time.thread_time_ns()
             session.run(None, workload.feed)
@@ -93,6 +96,19 @@ class Measured:
         start = time.perf_counter()
         session.run(None, workload.feed)
         return time.perf_counter() - start
+
+
+    @staticmethod
+    def _generate(session, workload: Workload, clock: str) -> float:
+        names = [o.name for o in session.get_outputs()]
+        feed = workload.feed
+        outputs = dict(zip(names, session.run(None, feed)))
+        now = time.thread_time_ns if clock == "cpu" else time.perf_counter_ns
+        start = now()
+        for _ in range(workload.new_tokens):
+            feed = next_step_feed(feed, outputs)
+            outputs = dict(zip(names, session.run(None, feed)))
+        return (now() - start) * 1e-9 / workload.new_tokens
 
 
 def _rss_mb() -> float:
@@ -129,13 +145,9 @@ def open_model(path: str | Path, threads: int | None = None) -> Measured:
     return Measured(path, "onnx", {path.name: session}, tuple(session.get_providers()), _rss_mb() - before)
 
 
-def grid_workloads(models: list[Measured], batch: int, seq: int) -> list[list[Workload]]:
+def grid_workloads(models: list[Measured], batch: int, seq: int, new_tokens: int = 0) -> list[list[Workload]]:
     """The workloads of every model for one (batch, seq); feeds are built once and reused across rounds."""
-    out = []
-    for model in models:
-        built = workloads(model.path, model.sessions, batch, seq)
-        out.append(built)
-    return out
+    return [workloads(model.path, model.sessions, batch, seq, new_tokens) for model in models]
 
 
 def _rounds(runs: int | None, seconds: float, stop: Callable[[], bool] | None = None):
@@ -184,9 +196,10 @@ def _row(model: Measured, w: Workload, series: np.ndarray, ratio: RatioEstimate 
 def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tuple[int, ...] = (1,),
           seqs: list[int] | tuple[int, ...] = (128,), *, threads: int | None = None, warmup: int = WARMUP,
           runs: int | None = None, seconds: float = 5.0, level: float = 0.95, seed: int = 0,
-          progress: Callable[[str], None] | None = None) -> BenchResult:
+          progress: Callable[[str], None] | None = None, new_tokens: int = 0) -> BenchResult:
     """Latency of each artifact on each (batch, seq) and workload, all artifacts interleaved; `seconds` is the
-    budget per grid cell (or exactly `runs` rounds). Ratios are to the first artifact."""
+    budget per grid cell (or exactly `runs` rounds). Ratios are to the first artifact. new_tokens > 0: decoders
+    also run "generate", that many greedy tokens after a seq-token prompt (latency per new token)."""
     if not artifacts:
         raise InvalidOptionError("bench needs at least one artifact")
     seqs = [seq_value(s) for s in seqs]  # InvalidOptionError below 1; "real" / REAL_SEQ: real sentence lengths
@@ -194,12 +207,14 @@ def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tup
         raise InvalidOptionError("batch sizes must be >= 1")
     if runs is not None and runs < 2:
         raise InvalidOptionError("--runs must be >= 2")
+    if new_tokens < 0:
+        raise InvalidOptionError("--new-tokens must be >= 0")
     models = [a if isinstance(a, Measured) else open_model(a, threads) for a in artifacts]
     rng = np.random.default_rng(seed)
     rows: list[BenchRow] = []
     for batch in batches:
         for seq in seqs:
-            per_model = grid_workloads(models, batch, seq)
+            per_model = grid_workloads(models, batch, seq, new_tokens)
             names = list(dict.fromkeys(w.name for ws in per_model for w in ws))
             for name in names:
                 work = [next((w for w in ws if w.name == name), None) for ws in per_model]
@@ -215,7 +230,7 @@ def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tup
                     rows.append(_row(model, w, series[i], ratio))
     settings = {"batches": list(batches), "seqs": [REAL if s == REAL_SEQ else s for s in seqs], "threads": threads,
                 "warmup": warmup, "runs": runs, "seconds": None if runs else seconds, "level": level, "interleaved": True,
-                "spinning": False}
+                "spinning": False, "new_tokens": new_tokens}
     return BenchResult(tuple(rows), machine_facts(threads), settings)
 
 

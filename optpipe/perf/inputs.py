@@ -44,6 +44,7 @@ class Workload:
     feed: dict[str, np.ndarray]
     label: str = ""  # "real": held-out texts at their own lengths; "real-approx": lengths without a tokenizer
     lengths: tuple[int, ...] = ()  # real-length batches: each row's token count before padding
+    new_tokens: int = 0  # "generate": greedy decode steps after the prompt (feed); a run's time is per token
 
 
 def seq_value(value: int | str) -> int:
@@ -225,9 +226,11 @@ def _has_past(session) -> bool:
     return any(i.name.startswith("past_key_values") for i in session.get_inputs())
 
 
-def workloads(model_path: Path, sessions: dict[str, Any], batch: int, seq: int | str) -> list[Workload]:
+def workloads(model_path: Path, sessions: dict[str, Any], batch: int, seq: int | str,
+              new_tokens: int = 0) -> list[Workload]:
     """The workloads of one artifact (or bare .onnx) at (batch, seq), in a stable order. seq REAL_SEQ (or "real"):
-    real_batch's held-out texts at their own lengths; every workload's seq is then the batch's padded length."""
+    real_batch's held-out texts at their own lengths; every workload's seq is then the batch's padded length.
+    new_tokens > 0 adds "generate" to a decoder with a KV cache: that many greedy steps after a seq-token prompt."""
     model_path = Path(model_path)
     model_dir = model_path if model_path.is_dir() else model_path.parent
     label, lengths = "", ()
@@ -241,8 +244,8 @@ def workloads(model_path: Path, sessions: dict[str, Any], batch: int, seq: int |
     one_ids, one_mask = ids[:, -1:].copy(), np.ones((batch, 1), np.int64)
     out: list[Workload] = []
 
-    def add(name: str, component: str, feed: dict[str, np.ndarray]) -> None:
-        out.append(Workload(name, component, batch, seq, feed, label, lengths))
+    def add(name: str, component: str, feed: dict[str, np.ndarray], steps: int = 0) -> None:
+        out.append(Workload(name, component, batch, seq, feed, label, lengths, steps))
 
     for component, session in sessions.items():
         if component.startswith("encoder"):
@@ -255,6 +258,26 @@ def workloads(model_path: Path, sessions: dict[str, Any], batch: int, seq: int |
         elif _has_past(session):
             add("prefill", component, feed_for(session, ids, mask, 0, seq, rng))
             add("decode", component, feed_for(session, one_ids, one_mask, seq, seq, rng))
+            if new_tokens > 0:
+                add("generate", component, feed_for(session, ids, mask, 0, seq, rng), new_tokens)
         else:
             add("forward", component, feed_for(session, ids, mask, 0, seq, rng))
     return out
+
+
+def next_step_feed(feed: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The feed of the next greedy step of a decoder with a KV cache: the argmax token, the mask one longer, the
+    `present.*` outputs as `past_key_values.*`, positions after the cache."""
+    token = outputs["logits"][:, -1].argmax(-1)[:, None].astype(feed["input_ids"].dtype)
+    mask = feed["attention_mask"]
+    nxt = {**feed, "input_ids": token,
+           "attention_mask": np.concatenate([mask, np.ones((mask.shape[0], 1), mask.dtype)], axis=1)}
+    nxt.update({name.replace("present", "past_key_values", 1): value for name, value in outputs.items()
+                if name.startswith("present")})
+    if "position_ids" in feed:
+        nxt["position_ids"] = np.full((mask.shape[0], 1), mask.shape[1], feed["position_ids"].dtype)
+    if "cache_position" in feed:
+        nxt["cache_position"] = np.array([mask.shape[1]], feed["cache_position"].dtype)
+    if "use_cache_branch" in feed:
+        nxt["use_cache_branch"] = np.array([True])
+    return nxt
