@@ -17,7 +17,7 @@ import numpy as np
 
 from optpipe.errors import InvalidOptionError
 from optpipe.passbase import OnnxPass, PassContext, Report, save_onnx
-from optpipe.passes.weight_sensitivity import calibration_ids, layer_groups, layer_scores, most_sensitive, too_large
+from optpipe.passes.weight_sensitivity import calibration_ids, group_scores, most_sensitive, sensitivity_groups, too_large
 
 log = logging.getLogger("optpipe.weight_only")
 
@@ -66,8 +66,8 @@ class WeightOnlyComponent(Report):
     carried: int = 0  # MatMulNBits already in the input (GGUF blocks carried over at export)
     kept_float: dict[str, str] = field(default_factory=dict)  # node -> why it stays float
     lm_head: str = ""  # what became of the output projection
-    layer_sensitivity: dict[str, float] | None = None  # decoder layer -> next-token KL when quantized alone
-    kept_by_sensitivity: tuple[str, ...] | None = None  # its most sensitive layers, whose linears stay float
+    layer_sensitivity: dict[str, float] | None = None  # "layer 3" (or a node) -> next-token KL quantized alone
+    kept_by_sensitivity: tuple[str, ...] | None = None  # the most sensitive of them, whose linears stay float
 
 
 @dataclass(frozen=True)
@@ -132,12 +132,13 @@ class WeightOnlyPass(OnnxPass):
             kept.update({n: "lm_head_bits = 0: the output projection stays float" for n in heads if n in candidates})
         head_bits = {n: config.lm_head_bits for n in heads if n in candidates and n not in kept}
         body = [n for n in candidates if n not in kept and n not in head_bits]
-        scores, sensitive = self._sensitivity(model, body, config, ctx, src.name)
-        for layer in sensitive:
-            reason = (f"layer {layer} kept float by sensitivity: quantized alone it moves next-token KL by "
-                      f"{scores[layer]:.3g} on the calibration texts (one of the {len(sensitive)} largest of "
+        groups = sensitivity_groups(body)
+        scores, sensitive = self._sensitivity(model, groups, config, ctx, src.name)
+        for label in sensitive:
+            reason = (f"{label} kept float by sensitivity: quantized alone it moves next-token KL by "
+                      f"{scores[label]:.3g} on the calibration texts (one of the {len(sensitive)} largest of "
                       f"{len(scores)})")
-            kept.update({n: reason for n in layer_groups(body)[layer]})
+            kept.update({n: reason for n in groups[label]})
         body = [n for n in body if n not in kept]
         ctx.progress(f"  {src.name}: {len(body)} MatMuls to {config.bits}-bit ({config.algorithm}), "
                      f"lm_head {config.lm_head_bits or 'float'}, {carried} already MatMulNBits")
@@ -151,13 +152,12 @@ class WeightOnlyPass(OnnxPass):
         lm_head = "; ".join(f"{n}: {head_bits[n]}-bit" + (_UNTIED if n in untied else "") if n in head_bits
                             else f"{n}: {kept.get(n, 'MatMulNBits')}" for n in heads)
         return WeightOnlyComponent(quantized=quantized, carried=carried, kept_float=kept, lm_head=lm_head,
-                                   layer_sensitivity={str(k): round(v, 6) for k, v in scores.items()} or None,
-                                   kept_by_sensitivity=tuple(f"layer {i}" for i in sensitive) or None)
+                                   layer_sensitivity={k: round(v, 6) for k, v in scores.items()} or None,
+                                   kept_by_sensitivity=tuple(sensitive) or None)
 
-    def _sensitivity(self, model, body: list[str], config: WeightOnlyConfig, ctx: PassContext,
-                     component: str) -> tuple[dict[int, float], list[int]]:
+    def _sensitivity(self, model, groups: dict[str, list[str]], config: WeightOnlyConfig, ctx: PassContext,
+                     component: str) -> tuple[dict[str, float], list[str]]:
         """Per-layer scores and the layers to keep float (none unless sensitivity_fallback asks)."""
-        groups = layer_groups(body)
         if not config.sensitivity_fallback or not groups:
             return {}, []
         if too_large(model):
@@ -168,8 +168,8 @@ class WeightOnlyPass(OnnxPass):
 
         ids = calibration_ids(load_tokenizer(ctx.source.path), load_calibration(ctx.calibration).texts,
                               config.sensitivity_texts)
-        ctx.progress(f"  sensitivity: each of {len(groups)} layers quantized alone, {len(ids)} calibration texts")
-        scores = layer_scores(model, groups, lambda m, nodes: _quantize(m, nodes, config.bits, config), ids,
+        ctx.progress(f"  sensitivity: each of {len(groups)} groups quantized alone, {len(ids)} calibration texts")
+        scores = group_scores(model, groups, lambda m, nodes: _quantize(m, nodes, config.bits, config), ids,
                               ctx.progress)
         return scores, most_sensitive(scores, config.sensitivity_fallback)
 

@@ -1,6 +1,7 @@
 """Which decoder layers weight-only quantization hurts most, measured: the mixed precision of `weight_only`.
 
-`weight_only.sensitivity_fallback = N` quantizes each decoder layer's linears alone (every other MatMul float),
+`weight_only.sensitivity_fallback = N` quantizes each decoder layer's linears alone (every other MatMul float;
+a graph whose node names carry no layer index is measured node by node),
 runs the graph's prefill on calibration texts and scores the layer by the mean KL divergence of its next-token
 distributions from the float graph's. The N layers with the largest scores keep their linears float; the pass
 report lists every layer's score, and the manifest's `kept_float` names the kept layers with theirs.
@@ -24,37 +25,43 @@ MAX_TOKENS = 64  # per text: the validation's length
 ONNX_PROTO_LIMIT = 2_000_000_000  # an in-memory graph (InferenceSession from bytes) must stay under protobuf's 2 GB
 
 
-def layer_groups(nodes: Iterable[str]) -> dict[int, list[str]]:
-    """Decoder layer index -> its MatMul nodes (by name; nodes outside any layer are not grouped)."""
-    groups: dict[int, list[str]] = {}
+def sensitivity_groups(nodes: Iterable[str]) -> dict[str, list[str]]:
+    """"layer 3" -> that decoder layer's MatMul nodes, from the layer index in their names. Where no name carries one
+    (ONNX Runtime's gpt2 fusion renames them FullyConnect_MatMul_N), every node is a group of its own."""
+    layers: dict[int, list[str]] = {}
+    nodes = list(nodes)
     for name in nodes:
         found = LAYER.search(name)
         if found:
-            groups.setdefault(int(found.group(1)), []).append(name)
-    return dict(sorted(groups.items()))
+            layers.setdefault(int(found.group(1)), []).append(name)
+    if layers:
+        return {f"layer {index}": layers[index] for index in sorted(layers)}
+    return {name: [name] for name in nodes}
 
 
 def too_large(model) -> bool:
     return sum(t.ByteSize() for t in model.graph.initializer) > ONNX_PROTO_LIMIT
 
 
-def layer_scores(model, groups: dict[int, list[str]], quantize: Callable, token_ids: list[list[int]],
-                 progress: Callable[[str], None]) -> dict[int, float]:
-    """Mean next-token KL(float || one layer quantized) over every position of `token_ids`, per layer."""
+def group_scores(model, groups: dict[str, list[str]], quantize: Callable, token_ids: list[list[int]],
+                 progress: Callable[[str], None]) -> dict[str, float]:
+    """Mean next-token KL(float || one group quantized) over every position of `token_ids`, per group."""
     reference = [_log_softmax(x) for x in _logits(model, token_ids)]
     scores = {}
-    for done, (layer, nodes) in enumerate(groups.items(), 1):
+    for done, (label, nodes) in enumerate(groups.items(), 1):
         quantized = quantize(copy.deepcopy(model), nodes)
         kl = [float((np.exp(p) * (p - _log_softmax(q))).sum(-1).mean())
               for p, q in zip(reference, _logits(quantized, token_ids))]
-        scores[layer] = float(np.mean(kl))
+        scores[label] = float(np.mean(kl))
         if done % 5 == 0 or done == len(groups):
-            progress(f"  sensitivity: {done}/{len(groups)} layers quantized alone")
+            progress(f"  sensitivity: {done}/{len(groups)} quantized alone")
     return scores
 
 
-def most_sensitive(scores: dict[int, float], count: int) -> list[int]:
-    return sorted(sorted(scores, key=lambda layer: -scores[layer])[:count])
+def most_sensitive(scores: dict[str, float], count: int) -> list[str]:
+    """The `count` groups of largest score, in the graph's order."""
+    top = set(sorted(scores, key=lambda label: -scores[label])[:count])
+    return [label for label in scores if label in top]
 
 
 def calibration_ids(tokenizer, texts: Iterable[str], count: int) -> list[list[int]]:

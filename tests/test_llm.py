@@ -123,7 +123,7 @@ def test_mixed_precision_keeps_the_most_sensitive_layer_float(decoder_dirs, tmp_
     art = optimize(str(decoder_dirs("llama")), "cpu-int8", tmp_path / "mixed",
                    overrides=["weight_only.sensitivity_fallback=1"])
     report = art.manifest["passes"][2]["report"]["components"]["model.onnx"]
-    scores = {int(layer): kl for layer, kl in report["layer_sensitivity"].items()}
+    scores = {int(label.removeprefix("layer ")): kl for label, kl in report["layer_sensitivity"].items()}
     assert sorted(scores) == [0, 1] and all(kl > 0 for kl in scores.values())
     worst = max(scores, key=scores.get)
     assert report["kept_by_sensitivity"] == [f"layer {worst}"]
@@ -155,9 +155,23 @@ def test_a_refused_weight_only_artifact_suggests_mixed_precision(decoder_dirs, t
     assert not (tmp_path / "x").exists()
 
 
-def test_layer_groups_read_the_layer_index_from_node_names():
-    from optpipe.passes.weight_sensitivity import layer_groups
+def test_sensitivity_groups_are_layers_or_else_nodes():
+    from optpipe.passes.weight_sensitivity import sensitivity_groups
 
     names = ["model.layers.12.mlp.down_proj/MatMul", "/transformer/h.3/attn/c_attn/MatMul",
              "model.layers.12.self_attn.qkv_proj/MatMul", "lm_head/Gemm"]
-    assert layer_groups(names) == {3: [names[1]], 12: [names[0], names[2]]}
+    assert sensitivity_groups(names) == {"layer 3": [names[1]], "layer 12": [names[0], names[2]]}
+    fused = ["FullyConnect_MatMul_0", "FullyConnect_MatMul_1"]  # ORT's gpt2 fusion: no layer index left
+    assert sensitivity_groups(fused) == {name: [name] for name in fused}
+
+
+def test_mixed_precision_node_by_node_when_names_have_no_layer(decoder_dirs, tmp_path):
+    """gpt2 after ONNX Runtime's fusion: the most sensitive single MatMul stays float, named in the report."""
+    art = optimize(str(decoder_dirs("gpt2")), "cpu-int8", tmp_path / "gpt2",
+                   overrides=["weight_only.sensitivity_fallback=1"])
+    report = art.manifest["passes"][-1]["report"]["components"]["model.onnx"]
+    (kept,) = report["kept_by_sensitivity"]
+    assert kept in report["layer_sensitivity"] and len(report["layer_sensitivity"]) >= 4
+    assert "by sensitivity" in report["kept_float"][kept]
+    graph = onnx.load(str(art.path / "model.onnx")).graph
+    assert any(n.name == kept and n.op_type == "MatMul" for n in graph.node)
