@@ -47,6 +47,9 @@ def test_decoder_int8_is_fused_weight_only_and_validated(decoder_dirs, tmp_path,
     assert v["passed"] and v["metrics"]["next_token_agreement"] >= 0.95
     assert v["metrics"]["perplexity_ratio"] <= 1.03 and v["thresholds"]["perplexity_ratio"] == 1.03
     assert (art.path / "genai_config.json").is_file()
+    profile = m["profile"]["workloads"]  # one profiled session, its trace split by run: each window is one step
+    assert set(profile) == {"prefill", "decode"}
+    assert all(p["ops"]["GroupQueryAttention"]["nodes"] == 2 and p["ms_per_run"] > 0 for p in profile.values())
 
 
 def test_int4_smaller_than_int8_and_generates_with_optimum(decoder_dirs, tmp_path):

@@ -29,16 +29,23 @@ def op_time_profile(directory: Path, components: list[str] | tuple[str, ...], ta
         return {"skipped": problem}
     work = Path(tempfile.mkdtemp(prefix="optpipe-profile-"))
     try:
-        plain = {c: target_session(directory / c, target, threads=threads, spinning=False, artifact_dir=directory)
-                 for c in components}
-        out: dict[str, Any] = {}
-        for w in workloads(directory, plain, batch, seq):
-            extra = {**target.session_options, PROFILE_PREFIX: str(work / w.name)}
-            session = target_session(directory / w.component, _with_options(target, extra), threads=threads,
-                                     spinning=False, artifact_dir=directory)
+        # One profiled session per component serves all of its workloads (prefill and decode); each workload's
+        # runs are consecutive, so the trace splits by run index.
+        sessions = {c: target_session(directory / c, _with_options(target, {**target.session_options,
+                                                                            PROFILE_PREFIX: str(work / c)}),
+                                      threads=threads, spinning=False, artifact_dir=directory) for c in components}
+        windows: dict[str, list[tuple[str, int]]] = {c: [] for c in components}
+        for w in workloads(directory, sessions, batch, seq):
+            session = sessions[w.component]
+            first = len(windows[w.component]) * (WARMUP + runs)  # runs this session has made so far
             for _ in range(WARMUP + runs):
                 session.run(None, w.feed)
-            out[w.name] = _by_op_type(Path(session.end_profiling()), runs, WARMUP + runs)
+            windows[w.component].append((w.name, first + WARMUP))
+        out: dict[str, Any] = {}
+        for component, session in sessions.items():
+            trace = json.loads(Path(session.end_profiling()).read_text())
+            for name, start in windows[component]:
+                out[name] = _by_op_type(trace, start, runs)
         return {"settings": {"batch": batch, "seq": seq, "threads": threads, "runs": runs}, "workloads": out}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -50,15 +57,15 @@ def _with_options(target, options: dict[str, Any]):
     return replace(target, session_options=options)
 
 
-def _by_op_type(trace: Path, runs: int, total_runs: int) -> dict[str, Any]:
-    """Sum the kernel times of the last `runs` runs of a trace by op type."""
-    events = json.loads(trace.read_text())
+def _by_op_type(events: list[dict[str, Any]], start: int, runs: int) -> dict[str, Any]:
+    """Sum the kernel times of model runs start .. start + runs - 1 of a trace by op type."""
     starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-    first = starts[total_runs - runs] if len(starts) >= total_runs else 0
+    begin = starts[start] if start < len(starts) else 0
+    end = starts[start + runs] if start + runs < len(starts) else float("inf")
     micros: dict[str, float] = defaultdict(float)
     nodes: dict[str, set] = defaultdict(set)
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= first:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and begin <= e["ts"] < end:
             op = e["args"]["op_name"]
             micros[op] += e["dur"]
             nodes[op].add(e["name"])
