@@ -1,9 +1,8 @@
 """Which decoder layers weight-only quantization hurts most, measured: the mixed precision of `weight_only`.
 
-`weight_only.sensitivity_fallback = N` quantizes each decoder layer's linears alone (every other MatMul float;
-a graph whose node names carry no layer index is measured node by node),
-runs the graph's prefill on calibration texts and scores the layer by the mean KL divergence of its next-token
-distributions from the float graph's. The N layers with the largest scores keep their linears float; the pass
+`weight_only.sensitivity_fallback = N` quantizes each decoder layer's linears alone (every other MatMul float; a
+graph whose node names carry no layer index is measured node by node), runs the graph's prefill on calibration
+texts and scores the layer by the mean KL divergence of its next-token distributions from the float graph's. The N layers with the largest scores keep their linears float; the pass
 report lists every layer's score, and the manifest's `kept_float` names the kept layers with theirs.
 
 Why whole layers and KL: a layer is the unit the error compounds through (SmolLM2-135M: its first three layers
@@ -26,8 +25,8 @@ ONNX_PROTO_LIMIT = 2_000_000_000  # an in-memory graph (InferenceSession from by
 
 
 def sensitivity_groups(nodes: Iterable[str]) -> dict[str, list[str]]:
-    """"layer 3" -> that decoder layer's MatMul nodes, from the layer index in their names. Where no name carries one
-    (ONNX Runtime's gpt2 fusion renames them FullyConnect_MatMul_N), every node is a group of its own."""
+    """Decoder layer ("layer 3") -> its MatMul nodes, from the layer index in their names. Where no name carries
+    one (ONNX Runtime's gpt2 fusion renames them FullyConnect_MatMul_N), every node is a group of its own."""
     layers: dict[int, list[str]] = {}
     nodes = list(nodes)
     for name in nodes:
