@@ -156,8 +156,9 @@ def split_outliers(model, batches, ratio: float, max_channels: int) -> tuple[dic
 
 def _merge(graph, down, prefix: str, nodes: list, inits: set[str]) -> str:
     """Add the side path's output `prefix_y` to the down-projection's, where it costs least; returns the node the
-    side path is placed after (by its first output). Past the bias Add (so ONNX Runtime still fuses that Add into the INT8 GEMM) and,
-    when a Sum follows (the residual, passes/skip_layernorm.py), as one more Sum input: no extra node at all."""
+    side path is placed after (by its first output). Past the bias Add (so ONNX Runtime still fuses that Add into
+    the INT8 GEMM) and, when a Sum follows (the residual, passes/skip_layernorm.py), as one more Sum input: no extra
+    node at all."""
     from onnx import helper
 
     def consumers(name: str) -> list:

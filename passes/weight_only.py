@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from optpipe.errors import InvalidOptionError
-from optpipe.passbase import OnnxPass, PassContext, Report, save_onnx
-from optpipe.passes.weight_sensitivity import calibration_ids, group_scores, most_sensitive, sensitivity_groups, too_large
+from optpipe.passbase import OnnxPass, PassContext, Report, needs_external_data, save_onnx
+from optpipe.passes.weight_sensitivity import calibration_ids, group_scores, most_sensitive, sensitivity_groups
 
 log = logging.getLogger("optpipe.weight_only")
 
@@ -132,13 +132,13 @@ class WeightOnlyPass(OnnxPass):
             kept.update({n: "lm_head_bits = 0: the output projection stays float" for n in heads if n in candidates})
         head_bits = {n: config.lm_head_bits for n in heads if n in candidates and n not in kept}
         body = [n for n in candidates if n not in kept and n not in head_bits]
-        groups = sensitivity_groups(body)
-        scores, sensitive = self._sensitivity(model, groups, config, ctx, src.name)
+        layers = sensitivity_groups(body)
+        scores, sensitive = self._sensitivity(model, layers, config, ctx, src.name)
         for label in sensitive:
             reason = (f"{label} kept float by sensitivity: quantized alone it moves next-token KL by "
                       f"{scores[label]:.3g} on the calibration texts (one of the {len(sensitive)} largest of "
                       f"{len(scores)})")
-            kept.update({n: reason for n in groups[label]})
+            kept.update({n: reason for n in layers[label]})
         body = [n for n in body if n not in kept]
         ctx.progress(f"  {src.name}: {len(body)} MatMuls to {config.bits}-bit ({config.algorithm}), "
                      f"lm_head {config.lm_head_bits or 'float'}, {carried} already MatMulNBits")
@@ -160,7 +160,7 @@ class WeightOnlyPass(OnnxPass):
         """Per-layer scores and the layers to keep float (none unless sensitivity_fallback asks)."""
         if not config.sensitivity_fallback or not groups:
             return {}, []
-        if too_large(model):
+        if needs_external_data(model):  # the per-group graphs are in-memory sessions
             log.warning("weight_only: %s is over 2 GB; per-layer sensitivity is not measured", component)
             return {}, []
         from optpipe.data.calibration import load_calibration

@@ -2,8 +2,9 @@
 
 `weight_only.sensitivity_fallback = N` quantizes each decoder layer's linears alone (every other MatMul float; a
 graph whose node names carry no layer index is measured node by node), runs the graph's prefill on calibration
-texts and scores the layer by the mean KL divergence of its next-token distributions from the float graph's. The N layers with the largest scores keep their linears float; the pass
-report lists every layer's score, and the manifest's `kept_float` names the kept layers with theirs.
+texts and scores the layer by the mean KL divergence of its next-token distributions from the float graph's. The N
+layers with the largest scores keep their linears float; the pass report lists every layer's score, and the
+manifest's `kept_float` names the kept layers with theirs.
 
 Why whole layers and KL: a layer is the unit the error compounds through (SmolLM2-135M: its first three layers
 float take the largest logit error from 11.8 to 3.0), one quantized graph per layer keeps the cost to L sessions,
@@ -21,7 +22,6 @@ import numpy as np
 
 LAYER = re.compile(r"(?:layers|layer|h|blocks?)[./](\d+)[./]")  # model.layers.3.mlp…, /transformer/h.3/…
 MAX_TOKENS = 64  # per text: the validation's length
-ONNX_PROTO_LIMIT = 2_000_000_000  # an in-memory graph (InferenceSession from bytes) must stay under protobuf's 2 GB
 
 
 def sensitivity_groups(nodes: Iterable[str]) -> dict[str, list[str]]:
@@ -36,10 +36,6 @@ def sensitivity_groups(nodes: Iterable[str]) -> dict[str, list[str]]:
     if layers:
         return {f"layer {index}": layers[index] for index in sorted(layers)}
     return {name: [name] for name in nodes}
-
-
-def too_large(model) -> bool:
-    return sum(t.ByteSize() for t in model.graph.initializer) > ONNX_PROTO_LIMIT
 
 
 def group_scores(model, groups: dict[str, list[str]], quantize: Callable, token_ids: list[list[int]],
@@ -72,11 +68,11 @@ def _logits(model, token_ids: list[list[int]]) -> list[np.ndarray]:
     import onnxruntime as ort
 
     from optpipe.perf.inputs import feed_for
+    from optpipe.session import session_options
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 0
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    # in memory (the caller checked it fits one protobuf): one graph per group, none of them written to disk
+    session = ort.InferenceSession(model.SerializeToString(), session_options(spinning=False),
+                                   providers=["CPUExecutionProvider"])
     out_name = "logits" if "logits" in [o.name for o in session.get_outputs()] else session.get_outputs()[0].name
     rng = np.random.default_rng(0)
     out = []

@@ -97,7 +97,6 @@ class Measured:
         session.run(None, workload.feed)
         return time.perf_counter() - start
 
-
     @staticmethod
     def _generate(session, workload: Workload, clock: str) -> float:
         names = [o.name for o in session.get_outputs()]
