@@ -69,14 +69,15 @@ def build(work: Path, source: Path) -> dict[str, Path]:
     return paths
 
 
+SPINNING = ["off"]  # optpipe.session.SPINNING mode of every session this module opens (llm_peers.py --spinning)
+
+
 def session(path: Path):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from optpipe.session import session_options
+
+    return ort.InferenceSession(str(path), session_options(2, SPINNING[0]), providers=["CPUExecutionProvider"])
 
 
 def feeds(sess, config, ids: np.ndarray, mask: np.ndarray, past: dict | None) -> dict:

@@ -1,7 +1,8 @@
 """SmolLM2-135M: optpipe's decoder artifacts against onnxruntime-genai's model builder and llama.cpp, in one process.
 
 Every arm decodes the same prompt (~120 tokens, the one in decoder_graph_speed.py) then N new tokens greedily, 2
-threads, spinning off where the runtime allows it, the arms interleaved in a freshly shuffled order each round.
+threads, spinning off where the runtime allows it (`--spinning parked`: ORT and GenAI threads spin during each run and
+sleep when it returns), the arms interleaved in a freshly shuffled order each round.
 Arms:
 
 - `--ort LABEL=DIR`: the ONNX graph in DIR (model.onnx) through plain onnxruntime sessions and a numpy greedy loop
@@ -43,7 +44,7 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decoder_graph_speed import PROMPT, cpu_facts, generate, session  # noqa: E402
+from decoder_graph_speed import PROMPT, SPINNING, cpu_facts, generate, session  # noqa: E402
 
 THREADS = 2
 MAX_LENGTH = 64  # optpipe.validation.generation.MAX_LENGTH
@@ -79,8 +80,10 @@ class GenaiArm:
 
         self.og, self.path = og, path
         config = og.Config(str(path))
+        spin = ({"session.intra_op.allow_spinning": "0"} if SPINNING[0] == "off"
+                else {"session.force_spinning_stop": "1"} if SPINNING[0] == "parked" else {})
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": THREADS, "inter_op_num_threads": 1, "session.intra_op.allow_spinning": "0"}}}}))
+            "intra_op_num_threads": THREADS, "inter_op_num_threads": 1, **spin}}}}))
         self.model = og.Model(config)
 
     def generate(self, ids: list[int], new: int):
@@ -233,7 +236,11 @@ def main() -> None:
     parser.add_argument("--no-fidelity", action="store_true")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--spinning", choices=("off", "parked"), default="off",
+                        help="ONNX Runtime's idle threads (ORT and GenAI arms): off = sleep at once; parked = spin "
+                        "during each run and sleep when it returns (optpipe/session.py SPINNING)")
     args = parser.parse_args()
+    SPINNING[0] = args.spinning
     import onnxruntime
     import transformers
     from transformers import AutoConfig
@@ -262,7 +269,7 @@ def main() -> None:
         except ImportError:
             pass
     lines = [f"command: python {' '.join(sys.argv)}", *cpu_facts(), ", ".join(versions),
-             f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens greedy, {THREADS} threads, spinning off "
+             f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens greedy, {THREADS} threads, spinning {args.spinning} "
              f"(ORT and GenAI session option; llama.cpp: OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
              f"{args.rounds} rounds in shuffled "
              "order"]

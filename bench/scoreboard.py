@@ -5,13 +5,15 @@ alone = optimum-onnx's main_export), Optimum's ORTOptimizer O2, Optimum's ORTQua
 its x86 configs (`avx2`: 7-bit weights; `avx512_vnni`: 8-bit), Optimum's quantizer on its own O2 output
 (attempted; the failure is recorded), optpipe's cpu-int8 as it was before issue 12 (FFN down-projections float,
 SkipLayerNormalization kept), and optpipe's CPU INT8 targets (cpu-int8-pruned from `--pruned DIR`, since it
-takes minutes to build). Every model is timed interleaved with the others in one process (spinning off): the
-speed-up is optpipe cpu-fp32's latency / the model's, with a 95% interval. Fidelity is the cosine of
+takes minutes to build). Every model is timed interleaved with the others in one process, ONNX Runtime's thread
+spinning off (the harness default; `--spinning off,parked` adds columns timed with threads that spin during each run
+and sleep when it returns, as a deployed session's do: optpipe/session.py SPINNING): the speed-up is optpipe cpu-fp32's latency / the model's, with a 95% interval. Fidelity is the cosine of
 mean-pooled embeddings vs PyTorch on the held-out texts (optpipe/data/heldout.txt: not used for calibration,
 validation or training), min / mean. Shapes "1xreal" / "8xreal" time held-out sentences at their own token
 lengths (padded to the batch's longest).
 
     python bench/scoreboard.py --threads 2 --seconds 60 --shapes 1x128,8x128,1xreal,8xreal --pruned DIR
+    python bench/scoreboard.py --threads 2 --seconds 45 --shapes 1x128,8x128 --spinning off,parked --pruned DIR
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ def main() -> int:
     parser.add_argument("--pruned", type=Path, help="a cpu-int8-pruned artifact of the bundled model to include")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--work", type=Path, help="keep the built models here (default: a temp dir)")
+    parser.add_argument("--spinning", default="off", help="comma-separated spinning modes to time: off, parked, on "
+                        "(default off; a mode other than off adds its own columns)")
     args = parser.parse_args()
     started = dt.datetime.now(dt.timezone.utc)
     work = args.work or Path(tempfile.mkdtemp(prefix="optpipe-scoreboard-"))
@@ -144,32 +148,36 @@ def main() -> int:
     files = {name: (p / "model.onnx" if p.is_dir() else p) for name, p in entries.items()}
     rows = {name: {"held_out_cosine": fidelity(f), "size_mb": round(size_mb(f), 1)} for name, f in files.items()}
     shapes = [_shape(s) for s in args.shapes.split(",")]
+    modes = args.spinning.split(",")
+    keys = [f"bs{b}_{seq_name(s)}" + ("" if mode == "off" else f"_spin_{mode}") for mode in modes for b, s in shapes]
     load: dict[str, list[float]] = {}  # 1-minute load average before and after each shape: other work skews ratios
-    for batch, seq in shapes:
+    for key, (mode, (batch, seq)) in zip(keys, [(m, shape) for m in modes for shape in shapes]):
         before = os.getloadavg()[0]
-        say(f"timing {len(entries)} models interleaved at bs {batch} seq {seq_name(seq)} for {args.seconds:g}s ...")
+        say(f"timing {len(entries)} models interleaved at bs {batch} seq {seq_name(seq)}, spinning {mode}, "
+            f"for {args.seconds:g}s ...")
         ratios = interleaved_ratios(list(entries.values()), batch=batch, seq=seq, threads=args.threads,
-                                    seconds=args.seconds)
+                                    seconds=args.seconds, spinning=mode)
         for name, r in zip(entries, ratios):  # latency / cpu-fp32's -> speed-up = its inverse
-            rows[name][f"bs{batch}_{seq_name(seq)}"] = {"speedup": round(1 / r.ratio, 3), "low": round(1 / r.high, 3),
-                                                        "high": round(1 / r.low, 3), "rounds": r.rounds}
-        load[f"bs{batch}_{seq_name(seq)}"] = [round(before, 2), round(os.getloadavg()[0], 2)]
+            rows[name][key] = {"speedup": round(1 / r.ratio, 3), "low": round(1 / r.high, 3),
+                               "high": round(1 / r.low, 3), "rounds": r.rounds}
+        load[key] = [round(before, 2), round(os.getloadavg()[0], 2)]
     report = {"date": started.isoformat(timespec="seconds"), "command": "python " + " ".join(sys.argv),
               "machine": machine_facts(args.threads), "reference": "optpipe cpu-fp32", "rows": rows,
               "load_average": load, "failures": failures}
     args.out.mkdir(parents=True, exist_ok=True)
     from optpipe.perf.isa import isa_family
 
-    stem = f"scoreboard-{started.strftime('%Y%m%d')}-{isa_family()}"  # one file per CPU family measured
+    # one file per CPU family measured (and per set of spinning modes other than the default)
+    stem = f"scoreboard-{started.strftime('%Y%m%d')}-{isa_family()}" + "".join(f"-{m}" for m in modes if m != "off")
     tmp = args.out / f".{stem}.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(args.out / f"{stem}.json")
     m = report["machine"]
-    keys = [f"bs{b}_{seq_name(s)}" for b, s in shapes]
     lines = [f"Bundled all-MiniLM-L6-v2; {m['cpu']} ({', '.join(m['cpu_flags'])}), {m['cores']} cores, "
              f"{args.threads} threads, onnxruntime {m['onnxruntime']}, {started:%Y-%m-%d}. Speed-up = optpipe "
              "cpu-fp32 latency / the model's (higher is faster), 95% interval, interleaved in one process; "
-             "'real' = held-out sentences at their own token lengths. Fidelity: cosine vs PyTorch on 96 held-out "
+             "'real' = held-out sentences at their own token lengths; '_spin_parked' = ONNX Runtime's threads spin "
+             "during each run and sleep when it returns (the others: spinning off). Fidelity: cosine vs PyTorch on 96 held-out "
              "texts.", "", f"`{report['command']}`", "",
              "| model | " + " | ".join(f"speed-up {k}" for k in keys) + " | held-out cosine min / mean | size MB |",
              "| --- | " + " | ".join("---" for _ in keys) + " | --- | --- |"]

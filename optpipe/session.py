@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from optpipe.errors import ArtifactError, ProviderUnavailableError
+from optpipe.errors import ArtifactError, OptpipeError, ProviderUnavailableError
 
 log = logging.getLogger("optpipe.session")
 
@@ -144,17 +144,32 @@ def require_provider(provider: str) -> None:
 PROFILE_PREFIX = "profile_file_prefix"
 
 
-def session_options(threads: int | None = None, spinning: bool = True, extra: dict[str, Any] | None = None):
+# How a session's idle threads wait for work (ONNX Runtime's thread pool):
+#   "on"     ONNX Runtime's default: they spin, between parallel sections and for a while after Run() returns.
+#   "off"    they sleep at once (allow_spinning=0). The harness default: several sessions in one process then never
+#            steal cores from the one being timed, but a kernel shorter than a sleeping thread's wake-up runs on the
+#            calling thread alone, which costs short (INT8, batch-1) kernels most.
+#   "parked" they spin while a Run() is under way and sleep the moment it returns (force_spinning_stop=1): what a
+#            deployed session does during a request, still without disturbing the next session timed.
+SPINNING = ("off", "parked", "on")
+
+
+def session_options(threads: int | None = None, spinning: str = "on", extra: dict[str, Any] | None = None):
     import onnxruntime as ort
 
+    if spinning not in SPINNING:
+        from optpipe.errors import InvalidOptionError
+
+        raise InvalidOptionError(f"unknown spinning mode {spinning!r}: use one of {', '.join(SPINNING)}")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    if not spinning:
-        # Idle sessions' spinning threads steal cores from the session being measured.
+    if spinning == "off":
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    elif spinning == "parked":
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3
     for key, value in (extra or {}).items():
         if key == "graph_optimization_level":
@@ -229,7 +244,7 @@ def create_session(
     provider_options: dict[str, Any] | None = None,
     fallback_providers: tuple[str, ...] | list[str] = (),
     threads: int | None = None,
-    spinning: bool = True,
+    spinning: str = "on",
     extra_options: dict[str, Any] | None = None,
     artifact_dir: Path | None = None,
 ):
@@ -249,6 +264,8 @@ def create_session(
     try:
         return ort.InferenceSession(str(model_path), sess_options=session_options(threads, spinning, extra_options),
                                     providers=providers)
+    except OptpipeError:  # a bad option of ours: its own message
+        raise
     except Exception as exc:
         if not Path(model_path).is_file():
             raise ArtifactError(f"model file {model_path} does not exist") from exc
@@ -256,7 +273,7 @@ def create_session(
         raise ArtifactError(f"onnxruntime cannot load {model_path}: {first}") from exc
 
 
-def target_session(model_path: Path | str, target, threads: int | None = None, spinning: bool = True,
+def target_session(model_path: Path | str, target, threads: int | None = None, spinning: str = "on",
                    artifact_dir: Path | None = None):
     """A session configured as the target says."""
     return create_session(model_path, target.provider, target.provider_options, target.fallback_providers,

@@ -129,7 +129,7 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 def _session(path: Path):
     from optpipe.session import create_session
 
-    return create_session(path, threads=None, spinning=False)
+    return create_session(path, threads=None, spinning="off")
 
 
 def quantizable_nodes(model_path: Path, config) -> list[str]:

@@ -71,7 +71,7 @@ def _logits(model, token_ids: list[list[int]]) -> list[np.ndarray]:
     from optpipe.session import session_options
 
     # in memory (the caller checked it fits one protobuf): one graph per group, none of them written to disk
-    session = ort.InferenceSession(model.SerializeToString(), session_options(spinning=False),
+    session = ort.InferenceSession(model.SerializeToString(), session_options(spinning="off"),
                                    providers=["CPUExecutionProvider"])
     out_name = "logits" if "logits" in [o.name for o in session.get_outputs()] else session.get_outputs()[0].name
     rng = np.random.default_rng(0)

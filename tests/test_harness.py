@@ -46,7 +46,31 @@ def test_bench_rows_have_every_figure(tiny_fp32, tiny_int8):
         assert row.providers[0] == "CPUExecutionProvider" and row.memory_mb >= 0
         assert row.ratio.low <= row.ratio.ratio <= row.ratio.high and row.ratio.rounds == 20
     assert result.rows[0].ratio.ratio == 1.0  # the first artifact is the reference
-    assert result.machine["cores"] >= 1 and result.settings["interleaved"] and not result.settings["spinning"]
+    assert result.machine["cores"] >= 1 and result.settings["interleaved"] and result.settings["spinning"] == "off"
+
+
+def test_spinning_modes_set_the_thread_pool_as_named(tiny_fp32, tiny_int8):
+    from optpipe.errors import InvalidOptionError
+    from optpipe.session import create_session, session_options
+
+    def entry(options, key):
+        try:
+            return options.get_session_config_entry(key)
+        except RuntimeError:  # ONNX Runtime: "does not have configuration with key"
+            return None
+
+    off, parked, on = (session_options(2, mode) for mode in ("off", "parked", "on"))
+    assert entry(off, "session.intra_op.allow_spinning") == "0" and entry(off, "session.force_spinning_stop") is None
+    assert entry(parked, "session.intra_op.allow_spinning") is None and entry(parked, "session.force_spinning_stop") == "1"
+    assert entry(on, "session.intra_op.allow_spinning") is None and entry(on, "session.force_spinning_stop") is None
+    with pytest.raises(InvalidOptionError, match="unknown spinning mode 'fast'"):
+        session_options(2, "fast")
+    with pytest.raises(InvalidOptionError, match="unknown spinning mode"):  # not "onnxruntime cannot load"
+        create_session(tiny_fp32 / "model.onnx", spinning="fast")
+    result = bench([tiny_fp32, tiny_int8], [1], [16], threads=2, runs=4, spinning="parked")
+    assert result.settings["spinning"] == "parked" and all(r.p50_ms > 0 for r in result.rows)
+    out = optpipe("compare", str(tiny_fp32), str(tiny_int8), "--seq", "16", "--seconds", "0.5", "--spinning", "parked")
+    assert out.returncode == 0 and "spinning parked" in out.stdout
 
 
 def test_inputs_are_real_tokens_with_padding(tiny_fp32):

@@ -32,8 +32,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from optpipe.perf.inputs import parse_seqs
 
     result = bench(args.artifacts, _ints(args.batch), parse_seqs(args.seq), threads=args.threads, warmup=args.warmup,
-                   runs=args.runs, seconds=args.seconds, progress=args.progress, new_tokens=args.new_tokens)
-    print(f"\ninterleaved, spinning off, threads {args.threads or 'ORT default'}; ratio = latency / "
+                   runs=args.runs, seconds=args.seconds, progress=args.progress, new_tokens=args.new_tokens,
+                   spinning=args.spinning)
+    print(f"\ninterleaved, spinning {args.spinning}, threads {args.threads or 'ORT default'}; ratio = latency / "
           f"{_short(args.artifacts[0])}'s, 95% interval")
     print(f"{'artifact':<28} {'provider':<10} {'workload':<12} {'bs':>3} {'seq':>4} {'runs':>5} {'p50 ms':>9} "
           f"{'p90 ms':>9} {'p99 ms':>9} {'seq/s':>9} {'mem MB':>7}  ratio")
@@ -54,11 +55,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from optpipe.perf.inputs import seq_name, seq_value
 
     ratio = compare(args.a, args.b, batch=args.batch, seq=seq_value(args.seq), threads=args.threads,
-                    seconds=args.seconds, progress=args.progress)
+                    seconds=args.seconds, progress=args.progress, spinning=args.spinning)
     verdict = ratio.verdict()
     change = f"{abs(1 - ratio.ratio):.1%} " + ("slower" if ratio.ratio > 1 else "faster")
     print(f"{_short(args.b)} / {_short(args.a)} latency (bs {args.batch}, seq {seq_name(args.seq)}, threads "
-          f"{args.threads or 'ORT default'}, {ratio.rounds} interleaved rounds): {_ratio(ratio)} (95% interval)")
+          f"{args.threads or 'ORT default'}, spinning {args.spinning}, {ratio.rounds} interleaved rounds): {_ratio(ratio)} (95% interval)")
     if verdict == "no difference detected at this noise":
         print(f"verdict: no difference detected at this noise ({change} measured, interval includes 1.0)")
     else:
@@ -84,6 +85,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _spinning_argument(parser) -> None:
+    from optpipe.session import SPINNING
+
+    parser.add_argument("--spinning", choices=SPINNING, default="off",
+                        help="how idle ONNX Runtime threads wait: off = sleep at once (default; no session disturbs "
+                             "another); parked = spin during each run, as a deployed session does, and sleep when it "
+                             "returns; on = ONNX Runtime's default, which lets idle sessions steal cores")
+
+
 def add_harness_parsers(sub) -> None:
     """Add bench, compare and check to the CLI's subparsers."""
     bench = sub.add_parser("bench", help="latency of artifacts (interleaved): p50/p90/p99, throughput, ratios")
@@ -101,6 +111,7 @@ def add_harness_parsers(sub) -> None:
                        help="decoders: also time N greedy tokens after the prompt ('generate': ms per new token, "
                        "seq/s = tokens/s); prefill is time to first token (default 0: off)")
     bench.add_argument("--json", metavar="FILE", help="write all figures as JSON")
+    _spinning_argument(bench)
 
     compare = sub.add_parser("compare", help="latency ratio B/A, interleaved, with a 95%% interval and a verdict")
     compare.set_defaults(handler=cmd_compare)
@@ -110,6 +121,7 @@ def add_harness_parsers(sub) -> None:
     compare.add_argument("--seq", default="128", help="sequence length, or 'real' (default 128)")
     compare.add_argument("--threads", type=int)
     compare.add_argument("--seconds", type=float, default=10.0, help="length of the interleaved run (default 10)")
+    _spinning_argument(compare)
 
     check = sub.add_parser("check", help="CI gate: exit 3 on a latency regression beyond the tolerance")
     check.set_defaults(handler=cmd_check)

@@ -1,8 +1,9 @@
 """Latency measurement of published artifacts: realistic inputs, warm-up, interleaving, paired statistics.
 
 Several artifacts are always measured in one process, interleaved: each round runs every artifact once, in a
-freshly shuffled order, with ONNX Runtime's thread spinning off (idle sessions' spinning threads otherwise
-steal the cores of the one being timed). Drift on a shared machine then hits every artifact of a round alike,
+freshly shuffled order, with ONNX Runtime's thread spinning off by default (idle sessions' spinning threads
+otherwise steal the cores of the one being timed; `spinning="parked"` lets threads spin during a session's own runs
+only, as a deployed session does: optpipe/session.py SPINNING). Drift on a shared machine then hits every artifact of a round alike,
 and the ratio of paired times within a round cancels it; the ratio comes with a bootstrap interval.
 """
 
@@ -117,14 +118,14 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 1e6
 
 
-def open_artifact(path: str | Path, threads: int | None = None) -> Measured:
+def open_artifact(path: str | Path, threads: int | None = None, spinning: str = "off") -> Measured:
     """Load an artifact (ArtifactError when it is not one) and open its sessions with its target's provider
-    settings and spinning off; ProviderUnavailableError (exit 4) when that provider cannot run here."""
+    settings; ProviderUnavailableError (exit 4) when that provider cannot run here."""
     artifact = Artifact.load(path)
     target = artifact.target
     require_provider(target.provider)
     before = _rss_mb()
-    sessions = {c.name: target_session(c, target, threads=threads, spinning=False, artifact_dir=artifact.path)
+    sessions = {c.name: target_session(c, target, threads=threads, spinning=spinning, artifact_dir=artifact.path)
                 for c in artifact.components}
     providers = tuple(next(iter(sessions.values())).get_providers())
     measured = Measured(artifact.path, target.name, sessions, providers)
@@ -132,15 +133,15 @@ def open_artifact(path: str | Path, threads: int | None = None) -> Measured:
     return measured
 
 
-def open_model(path: str | Path, threads: int | None = None) -> Measured:
+def open_model(path: str | Path, threads: int | None = None, spinning: str = "off") -> Measured:
     """A bare .onnx file or an artifact directory (the scoreboard times anchors that are not optpipe artifacts)."""
     path = Path(path)
     if path.is_dir():
-        return open_artifact(path, threads)
+        return open_artifact(path, threads, spinning)
     from optpipe.session import create_session
 
     before = _rss_mb()
-    session = create_session(path, threads=threads, spinning=False)
+    session = create_session(path, threads=threads, spinning=spinning)
     return Measured(path, "onnx", {path.name: session}, tuple(session.get_providers()), _rss_mb() - before)
 
 
@@ -195,7 +196,7 @@ def _row(model: Measured, w: Workload, series: np.ndarray, ratio: RatioEstimate 
 def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tuple[int, ...] = (1,),
           seqs: list[int] | tuple[int, ...] = (128,), *, threads: int | None = None, warmup: int = WARMUP,
           runs: int | None = None, seconds: float = 5.0, level: float = 0.95, seed: int = 0,
-          progress: Callable[[str], None] | None = None, new_tokens: int = 0) -> BenchResult:
+          progress: Callable[[str], None] | None = None, new_tokens: int = 0, spinning: str = "off") -> BenchResult:
     """Latency of each artifact on each (batch, seq) and workload, all artifacts interleaved; `seconds` is the
     budget per grid cell (or exactly `runs` rounds). Ratios are to the first artifact. new_tokens > 0: decoders
     also run "generate", that many greedy tokens after a seq-token prompt (latency per new token)."""
@@ -208,7 +209,7 @@ def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tup
         raise InvalidOptionError("--runs must be >= 2")
     if new_tokens < 0:
         raise InvalidOptionError("--new-tokens must be >= 0")
-    models = [a if isinstance(a, Measured) else open_model(a, threads) for a in artifacts]
+    models = [a if isinstance(a, Measured) else open_model(a, threads, spinning) for a in artifacts]
     rng = np.random.default_rng(seed)
     rows: list[BenchRow] = []
     for batch in batches:
@@ -229,15 +230,16 @@ def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tup
                     rows.append(_row(model, w, series[i], ratio))
     settings = {"batches": list(batches), "seqs": [REAL if s == REAL_SEQ else s for s in seqs], "threads": threads,
                 "warmup": warmup, "runs": runs, "seconds": None if runs else seconds, "level": level, "interleaved": True,
-                "spinning": False, "new_tokens": new_tokens}
+                "spinning": spinning, "new_tokens": new_tokens}
     return BenchResult(tuple(rows), machine_facts(threads), settings)
 
 
 def interleaved_ratios(model_paths: list[Path], *, batch: int = 1, seq: int = 128, threads: int | None = None,
-                       seconds: float = 10.0, progress: Callable[[Any], None] | None = None) -> list[RatioEstimate]:
+                       seconds: float = 10.0, progress: Callable[[Any], None] | None = None,
+                       spinning: str = "off") -> list[RatioEstimate]:
     """Latency of each model relative to the first (ratio 1.0), interleaved for about `seconds`, with a 95%
     interval. Paths may be artifact directories (their target's provider settings) or bare .onnx files."""
-    models = [open_model(p, threads) for p in model_paths]
+    models = [open_model(p, threads, spinning) for p in model_paths]
     per_model = grid_workloads(models, batch, seq)
     # Decoders have prefill and decode; the ratio is taken on the first workload (prefill / forward).
     name = per_model[0][0].name
@@ -289,11 +291,12 @@ def bench_json(result: BenchResult) -> str:
 
 
 def compare(a: str | Path, b: str | Path, *, batch: int = 1, seq: int = 128, threads: int | None = None,
-            seconds: float = 10.0, progress: Callable[[Any], None] | None = None) -> RatioEstimate:
+            seconds: float = 10.0, progress: Callable[[Any], None] | None = None,
+            spinning: str = "off") -> RatioEstimate:
     """Latency of B / latency of A, interleaved, with a 95% interval (`.verdict()` says faster/slower/no
     difference detected). `progress` gets a Tick per round."""
     return interleaved_ratios([Path(a), Path(b)], batch=batch, seq=seq, threads=threads, seconds=seconds,
-                              progress=progress)[1]
+                              progress=progress, spinning=spinning)[1]
 
 
 def bench_staged(directory: Path, components: list[str] | tuple[str, ...], target, *, threads: int | None = None,
@@ -306,7 +309,7 @@ def bench_staged(directory: Path, components: list[str] | tuple[str, ...], targe
     if problem:  # e.g. a GPU target built on a CPU machine: the artifact is still published, unmeasured
         return {"skipped": problem}
     before = _rss_mb()
-    sessions = {c: target_session(directory / c, target, threads=threads, spinning=False, artifact_dir=directory)
+    sessions = {c: target_session(directory / c, target, threads=threads, spinning="off", artifact_dir=directory)
                 for c in components}
     model = Measured(directory, target.name, sessions, tuple(next(iter(sessions.values())).get_providers()),
                      _rss_mb() - before)

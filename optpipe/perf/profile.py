@@ -33,7 +33,7 @@ def op_time_profile(directory: Path, components: list[str] | tuple[str, ...], ta
         # runs are consecutive, so the trace splits by run index.
         sessions = {c: target_session(directory / c, _with_options(target, {**target.session_options,
                                                                             PROFILE_PREFIX: str(work / c)}),
-                                      threads=threads, spinning=False, artifact_dir=directory) for c in components}
+                                      threads=threads, spinning="off", artifact_dir=directory) for c in components}
         windows: dict[str, list[tuple[str, int]]] = {c: [] for c in components}
         for w in workloads(directory, sessions, batch, seq):
             session = sessions[w.component]

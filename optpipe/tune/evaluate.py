@@ -114,7 +114,7 @@ def accuracy_scorer(source: ModelSource, eval_file: str | Path) -> Scorer:
     def score(files: ModelFiles) -> float:
         from optpipe.session import create_session
 
-        session = create_session(files.path / files.components[0], spinning=False)
+        session = create_session(files.path / files.components[0], spinning="off")
         names = [i.name for i in session.get_inputs()]
         logits = []
         for enc in encoded:
