@@ -69,15 +69,13 @@ def build(work: Path, source: Path) -> dict[str, Path]:
     return paths
 
 
-SPINNING = ["off"]  # optpipe.session.SPINNING mode of every session this module opens (llm_peers.py --spinning)
-
-
-def session(path: Path):
+def session(path: Path, spinning: str = "off"):
+    """2 intra-op threads; `spinning`: optpipe.session.SPINNING (llm_peers.py --spinning)."""
     import onnxruntime as ort
 
     from optpipe.session import session_options
 
-    return ort.InferenceSession(str(path), session_options(2, SPINNING[0]), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(2, spinning), providers=["CPUExecutionProvider"])
 
 
 def feeds(sess, config, ids: np.ndarray, mask: np.ndarray, past: dict | None) -> dict:

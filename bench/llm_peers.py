@@ -44,7 +44,7 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decoder_graph_speed import PROMPT, SPINNING, cpu_facts, generate, session  # noqa: E402
+from decoder_graph_speed import PROMPT, cpu_facts, generate, session  # noqa: E402
 
 THREADS = 2
 MAX_LENGTH = 64  # optpipe.validation.generation.MAX_LENGTH
@@ -53,9 +53,9 @@ MAX_LENGTH = 64  # optpipe.validation.generation.MAX_LENGTH
 class OrtArm:
     """A decoder graph through a plain onnxruntime session (inputs input_ids, attention_mask, past_key_values.*)."""
 
-    def __init__(self, path: Path, config):
+    def __init__(self, path: Path, config, spinning: str):
         self.path, self.config = path, config
-        self.sess = session(path / "model.onnx")
+        self.sess = session(path / "model.onnx", spinning)
 
     def generate(self, ids: list[int], new: int):
         tokens, prefill, wall, cpu = generate(self.sess, self.config, np.array([ids], np.int64), new)
@@ -75,13 +75,13 @@ class OrtArm:
 class GenaiArm:
     """onnxruntime-genai's runtime on a directory with genai_config.json, threads and spinning set by overlay."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, spinning: str):
         import onnxruntime_genai as og
 
         self.og, self.path = og, path
         config = og.Config(str(path))
-        spin = ({"session.intra_op.allow_spinning": "0"} if SPINNING[0] == "off"
-                else {"session.force_spinning_stop": "1"} if SPINNING[0] == "parked" else {})
+        spin = ({"session.intra_op.allow_spinning": "0"} if spinning == "off"
+                else {"session.force_spinning_stop": "1"} if spinning == "parked" else {})
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
             "intra_op_num_threads": THREADS, "inter_op_num_threads": 1, **spin}}}}))
         self.model = og.Model(config)
@@ -240,7 +240,6 @@ def main() -> None:
                         help="ONNX Runtime's idle threads (ORT and GenAI arms): off = sleep at once; parked = spin "
                         "during each run and sleep when it returns (optpipe/session.py SPINNING)")
     args = parser.parse_args()
-    SPINNING[0] = args.spinning
     import onnxruntime
     import transformers
     from transformers import AutoConfig
@@ -255,9 +254,9 @@ def main() -> None:
     arms: dict = {}
     kinds: dict[str, str] = {}
     for label, path in _pairs(args.ort).items():
-        arms[f"{label} [ort]"], kinds[f"{label} [ort]"] = OrtArm(path, config), "ort"
+        arms[f"{label} [ort]"], kinds[f"{label} [ort]"] = OrtArm(path, config, args.spinning), "ort"
     for label, path in _pairs(args.genai).items():
-        arms[f"{label} [genai-rt]"], kinds[f"{label} [genai-rt]"] = GenaiArm(path), "genai"
+        arms[f"{label} [genai-rt]"], kinds[f"{label} [genai-rt]"] = GenaiArm(path, args.spinning), "genai"
     for label, path in _pairs(args.llama_cpp).items():
         name = f"{label} [llama.cpp]"
         arms[name], kinds[name] = LlamaCppArm(path, args.llama_cpp_extra_bufts), "lc"
