@@ -17,6 +17,12 @@ def optpipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=cwd, env=os.environ.copy(), timeout=600)
 
 
+def default_sigint() -> None:
+    """Popen preexec_fn: Ctrl-C as a terminal's foreground command gets it. A shell without job control starts
+    background commands (a suite run with `&`) with SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -109,7 +115,7 @@ def test_ctrl_c_during_a_pass_leaves_nothing(tiny_bert_dir, tmp_path):
     out = tmp_path / "art"
     proc = subprocess.Popen([sys.executable, "-m", "optpipe", "run", str(tiny_bert_dir), "-o", str(out),
                              "--no-cache"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=os.environ.copy())
+                            env=os.environ.copy(), preexec_fn=default_sigint)
     deadline = time.monotonic() + 300
     for line in proc.stderr:  # interrupt once the export pass has started
         if "[1/3] export" in line or time.monotonic() > deadline:

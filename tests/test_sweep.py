@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests import models
+from tests.test_cli import default_sigint
 
 pytest.importorskip("ray")
 pytest.importorskip("matplotlib")
@@ -132,7 +133,8 @@ def test_ctrl_c_leaves_valid_results_and_exits_130(model_dir, tmp_path):
     # 2 CPUs per job: the jobs run one after the other, so the second is under way when the first is recorded
     proc = subprocess.Popen([sys.executable, "-m", "optpipe", "sweep", str(model_dir / "tiny-distilbert"),
                              "--targets", TARGETS, "-o", str(out), "--num-cpus", "2", "--cpus-per-job", "2",
-                             "--bench-seconds", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--bench-seconds", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
