@@ -18,8 +18,10 @@ import pytest
 
 from optpipe.errors import BaselineError, InvalidOptionError
 from optpipe.perf import regress
+from optpipe.perf import verdict as verdict_module
 from optpipe.perf.regress import check, load_baseline, resolve_measure
 from optpipe.perf.slowdown import slowed_copy
+from optpipe.perf.verdict import verdict as judge
 from tests.test_cli import optpipe
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -76,13 +78,13 @@ def test_slowed_copy_is_flagged_on_cpu_time_and_the_check_stops_early(slowed_pai
 def test_verdict_statuses_on_synthetic_samples():
     rng = np.random.default_rng(0)
     straddles = np.exp(rng.normal(np.log(1.01), 0.01, 2000))  # ratio 1.01 with about ±2%: cannot tell at 1%
-    ratio, probability, status, code, message = regress._verdict(1.01, straddles, 500, 0.01, budget=20)
+    ratio, probability, status, code, message = judge(1.01, straddles, 500, 0.01, budget=20)
     assert (status, code) == ("inconclusive", 0) and ratio.low < 1.01 < ratio.high and 0.2 < probability < 0.8
     assert message.startswith("inconclusive: ") and "noise too high to judge within 20s" in message
     assert "rerun on a quieter runner or raise --seconds" in message
-    assert regress._verdict(1.01, straddles, 500, 0.01, fail_inconclusive=True)[2:4] == ("inconclusive", 3)
-    assert regress._verdict(1.1, straddles * 1.09, 500, 0.01)[2:4] == ("regression", 3)
-    assert regress._verdict(0.95, straddles * 0.94, 500, 0.01, fail_inconclusive=True)[2:4] == ("ok", 0)
+    assert judge(1.01, straddles, 500, 0.01, fail_inconclusive=True)[2:4] == ("inconclusive", 3)
+    assert judge(1.1, straddles * 1.09, 500, 0.01)[2:4] == ("regression", 3)
+    assert judge(0.95, straddles * 0.94, 500, 0.01, fail_inconclusive=True)[2:4] == ("ok", 0)
 
 
 def test_inconclusive_exit_codes_through_the_cli(slowed_pair, baseline, tmp_path, monkeypatch, capsys):
@@ -90,8 +92,9 @@ def test_inconclusive_exit_codes_through_the_cli(slowed_pair, baseline, tmp_path
     from optpipe.cli.main import main
 
     wide = np.exp(np.random.default_rng(0).normal(np.log(1.01), 0.01, 2000))
-    monkeypatch.setattr(regress, "_distribution", lambda logs: (1.01, wide))  # recorded-figures mode
-    monkeypatch.setattr(regress, "_t_distribution", lambda estimates: (1.01, wide))  # session epochs
+    for module in (regress, verdict_module):  # the final verdict (regress) and the interim looks (verdict)
+        monkeypatch.setattr(module, "ratio_distribution", lambda logs: (1.01, wide))  # recorded-figures mode
+        monkeypatch.setattr(module, "t_distribution", lambda estimates: (1.01, wide))  # session epochs
     args = ["check", str(slowed_pair[0]), "--baseline", str(baseline), "--tolerance", "1%", "--seconds", "0.5"]
     assert main(args + ["--json", str(tmp_path / "v.json")]) == 0
     out = capsys.readouterr().out
