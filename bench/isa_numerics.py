@@ -14,7 +14,9 @@ under QEMU's user-mode emulator the guest CPUID is the emulated model's, so the 
 (OPTPIPE_CPU_FLAGS, because py-cpuinfo reads the host's /proc/cpuinfo under qemu-user.) Timing means nothing
 there; the figures do. PyTorch under emulation is slow (over 10 minutes for MiniLM's reference on a loaded
 machine), so feature-extraction artifacts can be split: `--save-outputs FILE.npz` runs only the ONNX sessions (under
-qemu), and `--reference FILE.npz` (natively) computes the PyTorch reference and the validation's metrics from them.
+qemu), and `--reference FILE.npz` (natively) computes the PyTorch reference and the validation's metrics from them;
+`--texts heldout` uses the held-out texts instead of the validation ones, and `--diff OTHER.npz` with --reference adds
+the largest difference from the same artifacts' outputs saved elsewhere (natively, say).
 """
 
 from __future__ import annotations
@@ -70,9 +72,9 @@ def revalidate(path: Path, x64quantprecision: bool) -> dict:
             "validated_at_build": art.metrics}
 
 
-def _encoded(path: Path):
+def _encoded(path: Path, texts_name: str = "validation"):
     from optpipe import Artifact
-    from optpipe.data.texts import validation_texts
+    from optpipe.data.texts import heldout_texts, validation_texts
     from optpipe.source import load_tokenizer
     from optpipe.validation.encoders import BATCH, MAX_LENGTH
 
@@ -80,13 +82,13 @@ def _encoded(path: Path):
     if art.manifest["source"]["task"] != "feature-extraction":
         raise SystemExit(f"{path}: --save-outputs/--reference are for feature-extraction artifacts")
     tokenizer = load_tokenizer(art.manifest["source"]["path"])
-    texts = validation_texts()
+    texts = list(heldout_texts() if texts_name == "heldout" else validation_texts())
     for start in range(0, len(texts), BATCH):
         yield art, tokenizer(list(texts[start:start + BATCH]), padding=True, truncation=True, max_length=MAX_LENGTH,
                              return_tensors="np")
 
 
-def save_outputs(paths: list[Path], out: Path, x64quantprecision: bool) -> None:
+def save_outputs(paths: list[Path], out: Path, x64quantprecision: bool, texts: str = "validation") -> None:
     """The ONNX outputs of each artifact on the validation texts (what validation would compare), only."""
     import numpy as np
 
@@ -94,7 +96,7 @@ def save_outputs(paths: list[Path], out: Path, x64quantprecision: bool) -> None:
 
     arrays = {}
     for path in paths:
-        for i, (art, enc) in enumerate(_encoded(path)):
+        for i, (art, enc) in enumerate(_encoded(path, texts)):
             target = art.target
             if x64quantprecision:
                 target = replace(target, session_options={**target.session_options, X64_QUANT_PRECISION: "1"})
@@ -108,7 +110,8 @@ def save_outputs(paths: list[Path], out: Path, x64quantprecision: bool) -> None:
     np.savez(out, **arrays)
 
 
-def from_reference(paths: list[Path], saved: Path, against: str | None = None, gate: str | None = None) -> list[dict]:
+def from_reference(paths: list[Path], saved: Path, against: str | None = None, gate: str | None = None,
+                   texts: str = "validation", other: Path | None = None) -> list[dict]:
     """The validation's feature-extraction metrics of saved ONNX outputs against PyTorch, computed here (against
     another model dir than the artifact's source, e.g. the unpruned model; thresholds of another target)."""
     import numpy as np
@@ -118,20 +121,24 @@ def from_reference(paths: list[Path], saved: Path, against: str | None = None, g
     from optpipe.targets import load_target
 
     outputs = np.load(saved)
+    others = np.load(other) if other else None
     rows = []
     for path in paths:
-        cosines, model = [], None
-        for i, (art, enc) in enumerate(_encoded(path)):
+        cosines, model, diff = [], None, 0.0
+        for i, (art, enc) in enumerate(_encoded(path, texts)):
             model = model or AutoModel.from_pretrained(against or art.manifest["source"]["path"]).eval()
             with torch.no_grad():
                 ref = model(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state.numpy()
             out = outputs[f"{path.name}/{i}"]
+            if others is not None:  # the same artifact's outputs from another run (another ISA)
+                diff = max(diff, float(np.abs(out - others[f"{path.name}/{i}"]).max()))
             mask = enc["attention_mask"][..., None].astype(np.float32)
             a, b = (ref * mask).sum(1) / mask.sum(1), (out * mask).sum(1) / mask.sum(1)
             cosines += ((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).tolist()
         thresholds = load_target(gate).validate if gate else art.manifest["validation"]["thresholds"]
         metrics = {"mean_cosine": round(float(np.mean(cosines)), 6), "min_cosine": round(float(np.min(cosines)), 6)}
-        rows.append({"artifact": path.name, "outputs": str(saved), "against": against or "source",
+        rows.append({"artifact": path.name, "outputs": str(saved), "texts": texts, "against": against or "source",
+                     **({"max_abs_diff_vs": [str(other), diff]} if other else {}),
                      "metrics": metrics, "thresholds": {k: v for k, v in thresholds.items() if k in metrics},
                      "passed": all(metrics[k] >= v for k, v in thresholds.items() if k in metrics),
                      "validated_at_build": art.metrics})
@@ -148,15 +155,20 @@ def main() -> int:
     split.add_argument("--reference", type=Path, metavar="NPZ", help="metrics of saved outputs against PyTorch")
     parser.add_argument("--against", help="with --reference: the PyTorch model dir to compare with (default: source)")
     parser.add_argument("--gate", help="with --reference: take the thresholds of this target")
+    parser.add_argument("--texts", choices=("validation", "heldout"), default="validation",
+                        help="with --save-outputs/--reference: the validation texts (default) or the held-out ones")
+    parser.add_argument("--diff", type=Path, metavar="NPZ", help="with --reference: max abs difference of the saved "
+                        "outputs from these (the same artifacts run elsewhere)")
     args = parser.parse_args()
     cpu = detect()
     kernel = u8s8_kernel()
     print(json.dumps({"family": cpu.family, "flags_from": cpu.flags_from, "u8s8_kernel": kernel}), flush=True)
     if args.save_outputs:
-        save_outputs(args.artifacts, args.save_outputs, args.x64quantprecision)
+        save_outputs(args.artifacts, args.save_outputs, args.x64quantprecision, args.texts)
         print(f"wrote {args.save_outputs}")
         return 0
-    rows = (from_reference(args.artifacts, args.reference, args.against, args.gate) if args.reference else
+    rows = (from_reference(args.artifacts, args.reference, args.against, args.gate, args.texts, args.diff)
+            if args.reference else
             [{"u8s8_kernel": kernel, **revalidate(path, args.x64quantprecision)} for path in args.artifacts])
     for row in rows:
         line = json.dumps(row)
