@@ -268,7 +268,8 @@ def main() -> None:
         except ImportError:
             pass
     lines = [f"command: python {' '.join(sys.argv)}", *cpu_facts(), ", ".join(versions),
-             f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens greedy, {THREADS} threads, spinning {args.spinning} "
+             f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens greedy, {THREADS} threads, "
+             f"spinning {args.spinning} "
              f"(ORT and GenAI session option; llama.cpp: OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
              f"{args.rounds} rounds in shuffled "
              "order"]

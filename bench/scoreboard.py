@@ -7,9 +7,10 @@ its x86 configs (`avx2`: 7-bit weights; `avx512_vnni`: 8-bit), Optimum's quantiz
 SkipLayerNormalization kept), and optpipe's CPU INT8 targets (cpu-int8-pruned from `--pruned DIR`, since it
 takes minutes to build). Every model is timed interleaved with the others in one process, ONNX Runtime's thread
 spinning off (the harness default; `--spinning off,parked` adds columns timed with threads that spin during each run
-and sleep when it returns, as a deployed session's do: optpipe/session.py SPINNING): the speed-up is optpipe cpu-fp32's latency / the model's, with a 95% interval. Fidelity is the cosine of
-mean-pooled embeddings vs PyTorch on the held-out texts (optpipe/data/heldout.txt: not used for calibration,
-validation or training), min / mean. Shapes "1xreal" / "8xreal" time held-out sentences at their own token
+and sleep when it returns, as a deployed session's do: optpipe/session.py SPINNING): the speed-up is optpipe
+cpu-fp32's latency / the model's, with a 95% interval. Fidelity is the cosine of mean-pooled embeddings vs
+PyTorch on the held-out texts (optpipe/data/heldout.txt: not used for calibration, validation or training),
+min / mean. Shapes "1xreal" / "8xreal" time held-out sentences at their own token
 lengths (padded to the batch's longest).
 
     python bench/scoreboard.py --threads 2 --seconds 60 --shapes 1x128,8x128,1xreal,8xreal --pruned DIR
@@ -177,8 +178,8 @@ def main() -> int:
              f"{args.threads} threads, onnxruntime {m['onnxruntime']}, {started:%Y-%m-%d}. Speed-up = optpipe "
              "cpu-fp32 latency / the model's (higher is faster), 95% interval, interleaved in one process; "
              "'real' = held-out sentences at their own token lengths; '_spin_parked' = ONNX Runtime's threads spin "
-             "during each run and sleep when it returns (the others: spinning off). Fidelity: cosine vs PyTorch on 96 held-out "
-             "texts.", "", f"`{report['command']}`", "",
+             "during each run and sleep when it returns (the others: spinning off). Fidelity: cosine vs PyTorch on "
+             "96 held-out texts.", "", f"`{report['command']}`", "",
              "| model | " + " | ".join(f"speed-up {k}" for k in keys) + " | held-out cosine min / mean | size MB |",
              "| --- | " + " | ".join("---" for _ in keys) + " | --- | --- |"]
     for name, row in rows.items():

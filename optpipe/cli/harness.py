@@ -59,7 +59,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     verdict = ratio.verdict()
     change = f"{abs(1 - ratio.ratio):.1%} " + ("slower" if ratio.ratio > 1 else "faster")
     print(f"{_short(args.b)} / {_short(args.a)} latency (bs {args.batch}, seq {seq_name(args.seq)}, threads "
-          f"{args.threads or 'ORT default'}, spinning {args.spinning}, {ratio.rounds} interleaved rounds): {_ratio(ratio)} (95% interval)")
+          f"{args.threads or 'ORT default'}, spinning {args.spinning}, {ratio.rounds} interleaved rounds): "
+          f"{_ratio(ratio)} (95% interval)")
     if verdict == "no difference detected at this noise":
         print(f"verdict: no difference detected at this noise ({change} measured, interval includes 1.0)")
     else:

@@ -2,9 +2,10 @@
 
 Several artifacts are always measured in one process, interleaved: each round runs every artifact once, in a
 freshly shuffled order, with ONNX Runtime's thread spinning off by default (idle sessions' spinning threads
-otherwise steal the cores of the one being timed; `spinning="parked"` lets threads spin during a session's own runs
-only, as a deployed session does: optpipe/session.py SPINNING). Drift on a shared machine then hits every artifact of a round alike,
-and the ratio of paired times within a round cancels it; the ratio comes with a bootstrap interval.
+otherwise steal the cores of the one being timed; `spinning="parked"` lets threads spin during a session's own
+runs only, as a deployed session does: optpipe/session.py SPINNING). Drift on a shared machine then hits every
+artifact of a round alike, and the ratio of paired times within a round cancels it; the ratio comes with a
+bootstrap interval.
 """
 
 from __future__ import annotations
