@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from optpipe import optimize  # noqa: E402
 from tests import models  # noqa: E402
 
-MODELS = ["distilbert-sequence-classification", "roberta-sequence-classification", "roberta-token-classification",
-          "distilbert", "roberta", "gpt2", "llama", "t5", "bart"]
+MODELS = ["bert-sequence-classification", "distilbert-sequence-classification", "roberta-sequence-classification",
+          "roberta-token-classification", "electra-sequence-classification", "albert-token-classification",
+          "distilbert", "roberta", "mpnet", "gpt2", "llama", "qwen2", "t5", "bart"]
 
 
 def build(name: str, root: Path) -> Path:

@@ -87,6 +87,31 @@ def tiny_roberta(path: Path, head: str = "base", seed: int = 0) -> Path:
                     pad_token_id=0)
 
 
+def tiny_electra(path: Path, head: str = "base", seed: int = 0) -> Path:
+    """A 2-layer ELECTRA discriminator (hidden 64, 4 heads; embedding size = hidden, so no projection)."""
+    return _encoder(path, "ElectraConfig", "ElectraModel", "ElectraForSequenceClassification",
+                    "ElectraForTokenClassification", head, seed, True, embedding_size=64, hidden_size=64,
+                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=256,
+                    pad_token_id=0)
+
+
+def tiny_mpnet(path: Path, head: str = "base", seed: int = 0) -> Path:
+    """A 2-layer MPNet (hidden 64, 4 heads): relative position buckets in attention, no token_type_ids;
+    all-mpnet-base-v2's architecture. Positions start after padding_idx, hence max_position + 2."""
+    return _encoder(path, "MPNetConfig", "MPNetModel", "MPNetForSequenceClassification",
+                    "MPNetForTokenClassification", head, seed, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=128, max_position_embeddings=258, pad_token_id=0)
+
+
+def tiny_albert(path: Path, head: str = "base", seed: int = 0) -> Path:
+    """A 2-layer ALBERT (hidden 64, 4 heads, embeddings 32 projected up): one set of layer weights shared by
+    both layers."""
+    return _encoder(path, "AlbertConfig", "AlbertModel", "AlbertForSequenceClassification",
+                    "AlbertForTokenClassification", head, seed, True, embedding_size=32, hidden_size=64,
+                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=256,
+                    pad_token_id=0)
+
+
 def _fit(model, tokenizer, steps: int) -> None:
     """A few hundred Adam steps on the calibration texts (never the validation texts).
 

@@ -67,6 +67,9 @@ def _assert_quantized_everywhere(artifact: Artifact) -> None:
     ("roberta-sequence-classification", "text-classification", "ORTModelForSequenceClassification"),
     ("roberta-token-classification", "token-classification", "ORTModelForTokenClassification"),
     ("distilbert", "feature-extraction", "ORTModelForFeatureExtraction"),
+    ("electra-sequence-classification", "text-classification", "ORTModelForSequenceClassification"),
+    ("mpnet", "feature-extraction", "ORTModelForFeatureExtraction"),
+    ("albert-token-classification", "token-classification", "ORTModelForTokenClassification"),
 ])
 def test_encoder_int8_publishes_fused_quantized_and_loads_with_optimum(artifacts, arch_dirs, name, task,
                                                                        optimum_class):
