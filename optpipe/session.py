@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from optpipe.errors import ArtifactError, OptpipeError, ProviderUnavailableError
+from optpipe.errors import ArtifactError, InvalidOptionError, OptpipeError, ProviderUnavailableError
 
 log = logging.getLogger("optpipe.session")
 
@@ -158,8 +158,6 @@ def session_options(threads: int | None = None, spinning: str = "on", extra: dic
     import onnxruntime as ort
 
     if spinning not in SPINNING:
-        from optpipe.errors import InvalidOptionError
-
         raise InvalidOptionError(f"unknown spinning mode {spinning!r}: use one of {', '.join(SPINNING)}")
     options = ort.SessionOptions()
     if threads:
@@ -208,8 +206,6 @@ def expand_profile_shapes(options: dict[str, Any], model_path: Path | str) -> di
     if not any("*" in str(options.get(key, "")) for key in PROFILE_KEYS):
         return options
     import onnx
-
-    from optpipe.errors import InvalidOptionError
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     initializers = {init.name for init in graph.initializer}

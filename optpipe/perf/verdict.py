@@ -133,7 +133,6 @@ def t_distribution(estimates: list[float]) -> tuple[float, np.ndarray]:
     return math.exp(mean), np.exp(mean + se * draws)
 
 
-
 def verdict(estimate: float, samples: np.ndarray, rounds: int, tolerance: float, fail_inconclusive: bool = False,
             budget: float | None = None):
     """(ratio with its interval, P(slowdown > tolerance), status, exit code, message): a regression only when the
