@@ -80,10 +80,10 @@ class GenaiArm:
 
         self.og, self.path = og, path
         config = og.Config(str(path))
-        spin = ({"session.intra_op.allow_spinning": "0"} if spinning == "off"
-                else {"session.force_spinning_stop": "1"} if spinning == "parked" else {})
+        from optpipe.session import spinning_entries
+
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": THREADS, "inter_op_num_threads": 1, **spin}}}}))
+            "intra_op_num_threads": THREADS, "inter_op_num_threads": 1, **spinning_entries(spinning)}}}}))
         self.model = og.Model(config)
 
     def generate(self, ids: list[int], new: int):

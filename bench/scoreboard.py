@@ -150,9 +150,11 @@ def main() -> int:
     rows = {name: {"held_out_cosine": fidelity(f), "size_mb": round(size_mb(f), 1)} for name, f in files.items()}
     shapes = [_shape(s) for s in args.shapes.split(",")]
     modes = args.spinning.split(",")
-    keys = [f"bs{b}_{seq_name(s)}" + ("" if mode == "off" else f"_spin_{mode}") for mode in modes for b, s in shapes]
+    cells = [(f"bs{batch}_{seq_name(seq)}" + ("" if mode == "off" else f"_spin_{mode}"), mode, batch, seq)
+             for mode in modes for batch, seq in shapes]
+    keys = [cell[0] for cell in cells]
     load: dict[str, list[float]] = {}  # 1-minute load average before and after each shape: other work skews ratios
-    for key, (mode, (batch, seq)) in zip(keys, [(m, shape) for m in modes for shape in shapes]):
+    for key, mode, batch, seq in cells:
         before = os.getloadavg()[0]
         say(f"timing {len(entries)} models interleaved at bs {batch} seq {seq_name(seq)}, spinning {mode}, "
             f"for {args.seconds:g}s ...")

@@ -154,20 +154,24 @@ PROFILE_PREFIX = "profile_file_prefix"
 SPINNING = ("off", "parked", "on")
 
 
+def spinning_entries(spinning: str) -> dict[str, str]:
+    """The session config entries of a SPINNING mode (also what onnxruntime-genai's session_options take)."""
+    if spinning not in SPINNING:
+        raise InvalidOptionError(f"unknown spinning mode {spinning!r}: use one of {', '.join(SPINNING)}")
+    return {"off": {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"},
+            "parked": {"session.force_spinning_stop": "1"}, "on": {}}[spinning]
+
+
 def session_options(threads: int | None = None, spinning: str = "on", extra: dict[str, Any] | None = None):
     import onnxruntime as ort
 
-    if spinning not in SPINNING:
-        raise InvalidOptionError(f"unknown spinning mode {spinning!r}: use one of {', '.join(SPINNING)}")
+    entries = spinning_entries(spinning)
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    if spinning == "off":
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    elif spinning == "parked":
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+    for key, value in entries.items():
+        options.add_session_config_entry(key, value)
     options.log_severity_level = 3
     for key, value in (extra or {}).items():
         if key == "graph_optimization_level":
