@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from optpipe.errors import ArtifactError, InvalidOptionError, OptpipeError, ProviderUnavailableError
+from optpipe.errors import ArtifactError, InvalidOptionError, ProviderUnavailableError
 
 log = logging.getLogger("optpipe.session")
 
@@ -162,6 +162,10 @@ def spinning_entries(spinning: str) -> dict[str, str]:
             "parked": {"session.force_spinning_stop": "1"}, "on": {}}[spinning]
 
 
+OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                       "all": "ORT_ENABLE_ALL"}
+
+
 def session_options(threads: int | None = None, spinning: str = "on", extra: dict[str, Any] | None = None):
     import onnxruntime as ort
 
@@ -175,9 +179,10 @@ def session_options(threads: int | None = None, spinning: str = "on", extra: dic
     options.log_severity_level = 3
     for key, value in (extra or {}).items():
         if key == "graph_optimization_level":
-            level = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-                     "all": "ORT_ENABLE_ALL"}[str(value)]
-            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+            if str(value) not in OPTIMIZATION_LEVELS:
+                raise InvalidOptionError(f"session_options.graph_optimization_level: {value!r} is not one of "
+                                         f"{', '.join(OPTIMIZATION_LEVELS)}")
+            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[str(value)])
         elif key == PROFILE_PREFIX:  # ONNX Runtime's profiler (perf/profile.py): a JSON trace per session
             options.enable_profiling = True
             options.profile_file_prefix = str(value)
@@ -261,11 +266,9 @@ def create_session(
             providers.append(name)
     if provider != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
+    sess_options = session_options(threads, spinning, extra_options)  # a bad option of ours raises its own error
     try:
-        return ort.InferenceSession(str(model_path), sess_options=session_options(threads, spinning, extra_options),
-                                    providers=providers)
-    except OptpipeError:  # a bad option of ours: its own message
-        raise
+        return ort.InferenceSession(str(model_path), sess_options=sess_options, providers=providers)
     except Exception as exc:
         if not Path(model_path).is_file():
             raise ArtifactError(f"model file {model_path} does not exist") from exc

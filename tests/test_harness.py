@@ -68,6 +68,8 @@ def test_spinning_modes_set_the_thread_pool_as_named(tiny_fp32, tiny_int8):
         session_options(2, "fast")
     with pytest.raises(InvalidOptionError, match="unknown spinning mode"):  # not "onnxruntime cannot load"
         create_session(tiny_fp32 / "model.onnx", spinning="fast")
+    with pytest.raises(InvalidOptionError, match="graph_optimization_level: 'max' is not one of disable, basic"):
+        create_session(tiny_fp32 / "model.onnx", extra_options={"graph_optimization_level": "max"})
     result = bench([tiny_fp32, tiny_int8], [1], [16], threads=2, runs=4, spinning="parked")
     assert result.settings["spinning"] == "parked" and all(r.p50_ms > 0 for r in result.rows)
     out = optpipe("compare", str(tiny_fp32), str(tiny_int8), "--seq", "16", "--seconds", "0.5", "--spinning", "parked")
