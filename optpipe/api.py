@@ -117,8 +117,8 @@ def optimize(
     """
     say = progress or _log_progress
     resolved_target = resolve_target(target, overrides, pipeline)
-    calibration_path, column = check_calibration(calibration)
-    if column and resolved_target.pass_spec("quantize") is not None:
+    calibration_spec, column = check_calibration(calibration)
+    if column and resolved_target.pass_spec("quantize") is not None:  # recorded in the manifest's quantize config
         resolved_target = resolved_target.with_overrides([f"quantize.calibration_column={column}"])
     from optpipe.passes import PASSES
 
@@ -137,7 +137,7 @@ def optimize(
     staging = staging_dir(dest)
     workdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.work-", dir=dest.parent))
     try:
-        result = steps.run(source, resolved_target, workdir, say, use_cache=use_cache, calibration=calibration_path)
+        result = steps.run(source, resolved_target, workdir, say, use_cache=use_cache, calibration=calibration_spec)
         shutil.copytree(result.files.path, staging, dirs_exist_ok=True)
         manifest = _validated_manifest(source, resolved_target, result, ModelFiles(staging, "onnx",
                                                                                    result.files.components), say)
@@ -215,15 +215,16 @@ def _validated_manifest(source: ModelSource, target: Target, result: PipelineRes
     return build_manifest(source, target, result, staged, validation, source_bytes, cpu_facts)
 
 
-def check_calibration(calibration: str | Path | None) -> tuple[Path | None, str | None]:
-    """The calibration file and the column named with FILE.csv:COLUMN, checked (readable, has texts) before any work."""
+def check_calibration(calibration: str | Path | None) -> tuple[str | None, str | None]:
+    """The --calibration spec (FILE, or FILE.csv:COLUMN) with an absolute path, and the column it names, checked
+    (readable, has texts) before any work. Every pass that calibrates reads the spec with load_calibration."""
     if calibration is None:
         return None, None
     from optpipe.data.calibration import load_calibration, split_spec
 
     path, column = split_spec(calibration)
     load_calibration(calibration)  # raises CalibrationDataError with a one-line message
-    return path.resolve(), column
+    return str(path.resolve()) + (f":{column}" if column else ""), column
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -117,8 +117,8 @@ def prepare_destination(dest: Path, overwrite: bool) -> None:
     """Fail early, before any work, if the destination cannot be published to."""
     if dest.exists() and not overwrite:
         raise OutputError(f"output directory {dest} already exists; pass --overwrite to replace it")
-    if dest.exists() and not dest.is_dir():
-        raise OutputError(f"output path {dest} exists and is not a directory")
+    if dest.exists():
+        _check_replaceable(dest)
     parent = dest.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +126,15 @@ def prepare_destination(dest: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot create {parent}: {exc.strerror}") from exc
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output directory {parent} is not writable")
+
+
+def _check_replaceable(dest: Path) -> None:
+    """--overwrite replaces an artifact (or an empty directory), never some other directory a typo pointed at."""
+    if not dest.is_dir():
+        raise OutputError(f"output path {dest} exists and is not a directory")
+    if not (dest / MANIFEST).is_file() and any(dest.iterdir()):
+        raise OutputError(f"output directory {dest} is not an optpipe artifact (no {MANIFEST}); refusing to replace "
+                          "it: choose another --output")
 
 
 def staging_dir(dest: Path) -> Path:
@@ -141,6 +150,7 @@ def publish(staging: Path, dest: Path, manifest: dict[str, Any], overwrite: bool
         if dest.exists():
             if not overwrite:
                 raise OutputError(f"output directory {dest} already exists; pass --overwrite to replace it")
+            _check_replaceable(dest)
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             dest.rename(old)
             staging.rename(dest)

@@ -59,7 +59,7 @@ class PassContext:
     target: Any  # optpipe.targets.Target; untyped so that this module does not import the targets package
     out_dir: Path
     progress: Progress
-    calibration: Path | None = None
+    calibration: str | None = None  # the --calibration spec (FILE or FILE.csv:COLUMN); None: the built-in texts
 
 
 @dataclass(frozen=True)

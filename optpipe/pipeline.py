@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from optpipe import cache
-from optpipe.artifact import sha256_file
+from optpipe.data.calibration import load_calibration
 from optpipe.errors import InvalidOptionError, OptpipeError, PassFailedError, PipelineOrderError
 from optpipe.passbase import ModelFiles, Pass, PassContext, PassResult, Progress
 from optpipe.targets.recipe import PassSpec
@@ -43,11 +43,38 @@ class PipelineResult:
 
 
 def _coerce(value: Any, annotation: Any) -> Any:
+    """A recipe or --set value as the option's type wants it: a list as a tuple, a bare string as a one-item tuple
+    (`--set quantize.op_types=MatMul`), an int where a float is wanted."""
     if isinstance(value, list):
         return tuple(value)
+    if typing.get_origin(annotation) is tuple and isinstance(value, str):
+        return (value,)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+LIST_WORDS = {bool: "a list of true/false values", int: "a list of whole numbers", float: "a list of numbers",
+              str: "a list of names"}
+
+
+def _type_problem(value: Any, annotation: Any) -> str | None:
+    """Why `value` does not fit a Config field's annotation (bool, int, float, str, X | None, tuple[X, ...]), or
+    None when it does or the annotation is not one of these."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple and args:
+        wanted = LIST_WORDS.get(args[0], f"a list of {args[0]}")
+        fits = isinstance(value, tuple) and not any(_type_problem(item, args[0]) for item in value)
+        return None if fits else wanted
+    if args and type(None) in args:  # X | None
+        return None if value is None else _type_problem(value, next(a for a in args if a is not type(None)))
+    if annotation not in TYPE_WORDS:
+        return None
+    fits = isinstance(value, annotation) and (annotation is bool or not isinstance(value, bool))
+    if annotation is float:
+        fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return None if fits else TYPE_WORDS[annotation]
 
 
 def build_config(pass_cls: type, options: dict[str, Any]) -> Any:
@@ -60,13 +87,18 @@ def build_config(pass_cls: type, options: dict[str, Any]) -> Any:
         raise InvalidOptionError(
             f"pass {pass_cls.name!r} has no option {', '.join(unknown)} (options: {', '.join(sorted(fields))})"
         )
+    values = {k: _coerce(v, hints.get(k)) for k, v in options.items()}
+    for key, value in values.items():
+        wanted = _type_problem(value, hints.get(key))
+        if wanted:
+            raise InvalidOptionError(f"{pass_cls.name}.{key} must be {wanted}, not {value!r}")
     try:
-        config = config_cls(**{k: _coerce(v, hints.get(k)) for k, v in options.items()})
+        config = config_cls(**values)
+        check = getattr(config, "check", None)
+        if check is not None:
+            check()
     except (TypeError, ValueError) as exc:
         raise InvalidOptionError(f"pass {pass_cls.name!r}: {exc}") from exc
-    check = getattr(config, "check", None)
-    if check is not None:
-        check()
     return config
 
 
@@ -90,13 +122,15 @@ def package_versions() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """Hash of the code that writes pass outputs (the passes, the pass base, the texts they read): a cached output
-    is only reused by the code that wrote it. Package versions alone miss edits to an editable checkout."""
+    """Hash of the code and data that shape pass outputs (the passes, the pass base, the model loading they call,
+    the built-in texts they calibrate on): a cached output is only reused by the code that wrote it. Package
+    versions alone miss edits to an editable checkout."""
     from importlib.util import find_spec
 
     passes_dir = Path(find_spec("optpipe.passes").submodule_search_locations[0])  # located, not imported
     here = Path(__file__).parent
-    files = [*passes_dir.glob("*.py"), here / "passbase.py", here / "errors.py", *(here / "data").glob("*.py")]
+    files = [*passes_dir.glob("*.py"), here / "passbase.py", here / "errors.py", here / "source.py",
+             here / "gguf_source.py", *(here / "data").glob("*.py"), *(here / "data").glob("*.txt")]
     digest = hashlib.sha256()
     for path in sorted(files):
         digest.update(path.name.encode())
@@ -153,11 +187,11 @@ class Pipeline:
         workdir: Path,
         progress: Progress,
         use_cache: bool = True,
-        calibration: Path | None = None,
+        calibration: str | None = None,
     ) -> PipelineResult:
         files = ModelFiles(source.path, "hf")
         key = f"{source.content_hash}:{source.task}"  # the task decides what export writes (heads, KV cache)
-        calibration_hash = sha256_file(calibration) if calibration is not None else None
+        calibration_hash = load_calibration(calibration).sha256 if calibration is not None else None
         versions = package_versions()
         records = []
         size = files.size_bytes()

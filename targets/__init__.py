@@ -52,10 +52,12 @@ class Target:
         return self.isa if self.isa in EXACT_FAMILIES else "avx512_vnni"
 
     def for_task(self, task: str, gguf: bool = False) -> "Target":
-        """The recipe as it runs for a model of `task`: the decoder recipe for text-generation when there is one."""
-        if task == "text-generation" and self.decoder_passes:
+        """The recipe as it runs for a model of `task`: for text-generation the decoder recipe when there is one
+        (a --pipeline replaces it) and always the decoder thresholds."""
+        decoder = self.decoder_passes or self.decoder_validate or self.decoder_validate_gguf
+        if task == "text-generation" and decoder:
             validate = {**self.validate, **self.decoder_validate, **(self.decoder_validate_gguf if gguf else {})}
-            return replace(self, passes=self.decoder_passes, validate=validate, decoder_passes=(),
+            return replace(self, passes=self.decoder_passes or self.passes, validate=validate, decoder_passes=(),
                            decoder_validate={}, decoder_validate_gguf={})
         if not self.passes:
             raise UnsupportedModelError(
@@ -90,6 +92,7 @@ class Target:
                     s.with_option("reduce_range", reduce_range_for(isa)) if s.name == "quantize" else s
                     for s in getattr(target, kind)) for kind in ("passes", "decoder_passes")})
             elif section == "validate":  # a user's threshold holds for every model kind
+                _checked_thresholds({key: value}, f"--set {assignment}")
                 target = replace(target, **{kind: {**getattr(target, kind), key: value} for kind in
                                             ("validate", "decoder_validate", "decoder_validate_gguf")})
             elif section in ("provider_options", "harness", "session_options"):
@@ -130,6 +133,21 @@ def _specs(passes: list[dict]) -> tuple[PassSpec, ...]:
     return tuple(PassSpec(p["name"], {k: v for k, v in p.items() if k != "name"}) for p in passes)
 
 
+# Every metric a validator reports (optpipe/validation): each threshold names one of them, so a misspelt key fails
+# instead of never being checked. max_* and perplexity_ratio are ceilings, the others floors.
+METRICS = ("mean_cosine", "min_cosine", "max_abs_diff", "top1_agreement", "next_token_agreement", "perplexity",
+           "perplexity_ratio", "greedy_match", "greedy_token_agreement")
+
+
+def _checked_thresholds(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    for key, value in values.items():
+        if key not in METRICS:
+            raise InvalidOptionError(f"{origin}: no metric {key!r} to validate (metrics: {', '.join(METRICS)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidOptionError(f"{origin}: the threshold {key} must be a number, not {value!r}")
+    return dict(values)
+
+
 def _checked_isa(value: Any, origin: str) -> str | None:
     if value is not None and value not in TARGET_ISAS:
         raise InvalidOptionError(f"{origin}: isa must be one of {', '.join(TARGET_ISAS)}, not {value!r}")
@@ -159,11 +177,12 @@ def target_from_toml(data: dict, origin: str) -> Target:
             provider_options=dict(data.get("provider_options", {})),
             fallback_providers=tuple(data.get("fallback_providers", ())),
             session_options=dict(data.get("session_options", {})),
-            validate=dict(data.get("validate", {})),
+            validate=_checked_thresholds(data.get("validate", {}), f"target file {origin} [validate]"),
             harness=dict(data.get("harness", {})),
             decoder_passes=with_isa_numerics(_specs(decoder.get("passes", [])), isa),
-            decoder_validate=dict(decoder.get("validate", {})),
-            decoder_validate_gguf=dict(decoder.get("validate_gguf", {})),
+            decoder_validate=_checked_thresholds(decoder.get("validate", {}), f"target file {origin} [decoder.validate]"),
+            decoder_validate_gguf=_checked_thresholds(decoder.get("validate_gguf", {}),
+                                                      f"target file {origin} [decoder.validate_gguf]"),
             isa=isa,
         )
     except (KeyError, TypeError) as exc:

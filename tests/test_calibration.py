@@ -33,6 +33,21 @@ def test_jsonl_text_field_and_named_field(tmp_path):
     assert named.sha256 != load_calibration(path).sha256
 
 
+def test_every_calibrating_pass_reads_the_named_column(tmp_path, monkeypatch):
+    """--calibration FILE.jsonl:FIELD reaches pruning and weight-only sensitivity too, not only quantize."""
+    from optpipe.api import check_calibration
+    from optpipe.passbase import PassContext
+    from optpipe.passes.prune_strategies import calibration_texts
+
+    path = tmp_path / "cal.jsonl"
+    path.write_text("\n".join(json.dumps({"body": t}) for t in TEXTS))
+    monkeypatch.chdir(tmp_path)
+    spec, column = check_calibration("cal.jsonl:body")
+    assert spec == f"{path}:body" and column == "body"
+    ctx = PassContext(source=None, target=None, out_dir=tmp_path, progress=print, calibration=spec)
+    assert calibration_texts(ctx) == tuple(TEXTS)
+
+
 def test_csv_default_and_named_column(tmp_path):
     import csv
 

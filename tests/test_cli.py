@@ -67,6 +67,9 @@ def test_run_with_set_and_output(tiny_bert_dir, tmp_path):
     (["run", "/nonexistent/model", "--target", "cpu-int8"], "does not exist"),
     (["run", "--target", "cpu-int8", "--set", "quantize.mode=fancy"], "quantize.mode"),
     (["run", "--pipeline", "quantize,export"], "needs a 'onnx' model"),
+    (["run", "--set", "quantize.percentile=abc"], "quantize.percentile must be a number, not 'abc'"),
+    (["run", "--set", "quantize.per_channel=3"], "quantize.per_channel must be true or false, not 3"),
+    (["run", "--set", "validate.mean_cosin=0.9"], "no metric 'mean_cosin' to validate"),
 ])
 def test_user_errors_are_one_line(args, fragment, tmp_path):
     assert_one_line_error(optpipe(*args, cwd=tmp_path), fragment)
@@ -81,6 +84,10 @@ def test_existing_output_refused(tiny_bert_dir, tmp_path):
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     assert_one_line_error(optpipe("run", str(tiny_bert_dir), "-o", str(tmp_path / "taken")), "--overwrite")
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    # --overwrite replaces an artifact, not a directory of the user's that -o pointed at by mistake
+    assert_one_line_error(optpipe("run", str(tiny_bert_dir), "-o", str(tmp_path / "taken"), "--overwrite"),
+                          "is not an optpipe artifact")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

@@ -23,6 +23,21 @@ def test_unknown_pass_and_option():
         Pipeline(parse_pipeline("export,quantize{mode=fancy}"), PASSES)
 
 
+def test_option_values_are_checked_against_their_types():
+    from optpipe.passes.quantize import QuantizePass
+    from optpipe.pipeline import build_config
+
+    # one name where a list is wanted is a list of one (not a string split into characters)
+    assert build_config(QuantizePass, {"op_types": "MatMul"}).op_types == ("MatMul",)
+    assert build_config(QuantizePass, {"outlier_channels": 3}).outlier_channels == 3.0
+    for options, message in (({"percentile": "abc"}, "quantize.percentile must be a number"),
+                             ({"per_channel": 1}, "quantize.per_channel must be true or false"),
+                             ({"op_types": [1, 2]}, "quantize.op_types must be a list of names, not"),
+                             ({"calibration_samples": 2.5}, "quantize.calibration_samples must be a whole number")):
+        with pytest.raises(InvalidOptionError, match=message):
+            build_config(QuantizePass, options)
+
+
 def test_changing_the_last_pass_reuses_the_cache(tiny_bert_dir, tmp_path, monkeypatch):
     # A cache of its own: other tests build the same model with the same override.
     monkeypatch.setenv("OPTPIPE_CACHE", str(tmp_path / "cache"))

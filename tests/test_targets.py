@@ -73,6 +73,10 @@ def test_every_bundled_target_is_a_runnable_recipe(name):
         decoder = target.for_task("text-generation")
         assert decoder.pass_spec("quantize") is None and decoder.pass_spec("weight_only") is not None
         assert {"next_token_agreement", "perplexity_ratio"} <= set(decoder.validate)
+        # a --pipeline replaces the recipe, not the decoder thresholds
+        piped = target.with_pipeline("export,fuse,weight_only{bits=4}").for_task("text-generation", gguf=True)
+        assert piped.pipeline.startswith("export,fuse,weight_only")
+        assert piped.validate == target.for_task("text-generation", gguf=True).validate
     assert {target.provider, *target.fallback_providers} <= KNOWN_PROVIDERS
     assert (target.validate or target.decoder_validate) and all(
         0 < v <= 1 for v in target.validate.values() if isinstance(v, float))

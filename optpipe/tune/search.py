@@ -113,7 +113,7 @@ def _base_target(max_loss: float, fidelity_metric: str | None) -> Target:
 
 
 def _build(recipe_specs: list[PassSpec], source: ModelSource, target: Target, workdir: Path, use_cache: bool,
-           calibration: Path | None):
+           calibration: str | None):
     from optpipe.passes import PASSES
 
     return Pipeline(recipe_specs, PASSES).run(source, target, workdir, log.debug, use_cache=use_cache,
@@ -154,7 +154,7 @@ def tune(
     say = progress or log.info
     if not 0.0 <= max_loss < 1.0:
         raise OptpipeError(f"--max-loss must be in [0, 1), not {max_loss}")
-    calibration_path, column = check_calibration(calibration)
+    calibration_spec, _ = check_calibration(calibration)
     source = resolve_source(str(model) if model is not None else None, task)
     scorer = accuracy_scorer(source, eval_file) if eval_file else None
     target = _base_target(max_loss, None if scorer else fidelity_metric(source.task))
@@ -162,14 +162,12 @@ def tune(
     dest = Path(output) if output is not None else default_output(source, target)
     dest = dest.expanduser().resolve()
     prepare_destination(dest, overwrite)
-    extra = {"calibration_column": column} if column else {}
-    pending = [replace(r, quantize={**r.quantize, **extra} if r.quantize.get("mode") == "static" else r.quantize)
-               for r in (recipes or candidate_recipes())]
+    pending = list(recipes or candidate_recipes())
     say(f"tuning {source.model_id} ({source.task}): {len(pending)}+ candidates, loss = {scorer.describe}, "
         f"budget {max_loss}")
     workdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tune-", dir=dest.parent))
     try:
-        built, candidates = _score(pending, source, target, workdir, use_cache, calibration_path, scorer, max_loss,
+        built, candidates = _score(pending, source, target, workdir, use_cache, calibration_spec, scorer, max_loss,
                                    seconds, threads, score_all, say)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
