@@ -137,9 +137,51 @@ def _check_replaceable(dest: Path) -> None:
                           "it: choose another --output")
 
 
+def umask_mode(directory: bool) -> int:
+    """The mode mkdir / open give under the user's umask; mkdtemp and mkstemp make private (0700 / 0600) ones, which
+    a published artifact or results file must not keep."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def check_output_file(path: str | Path, what: str) -> Path:
+    """Fail early, before minutes of timing, when a results file (--json, --markdown) could not be written."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise OutputError(f"{what} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise OutputError(f"{what} {path}: the folder {path.parent} is not writable")
+    return path
+
+
+def write_output_file(path: str | Path, text: str, what: str) -> None:
+    """Write a results file whole or not at all: a temp file beside it, renamed over it."""
+    path = Path(path).expanduser()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {path}: {exc.strerror or exc}") from exc
+    try:
+        os.fchmod(fd, umask_mode(directory=False))
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            raise OutputError(f"cannot write {what} {path}: {reason}") from exc
+        raise
+
+
 def staging_dir(dest: Path) -> Path:
     """A temporary directory beside the destination, so the final rename stays on one filesystem."""
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    staging.chmod(umask_mode(directory=True))
+    return staging
 
 
 def publish(staging: Path, dest: Path, manifest: dict[str, Any], overwrite: bool) -> Artifact:

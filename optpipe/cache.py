@@ -115,11 +115,34 @@ def _damage(files_dir: Path, hashes: dict[str, str]) -> str | None:
     return None
 
 
+def _ours(path: Path) -> bool:
+    """What optpipe writes in the cache: pass entries (with their record), the GGUF conversions, and the staging
+    and discarded directories of interrupted writes. Nothing else, whatever OPTPIPE_CACHE points at."""
+    name = path.name
+    if not path.is_dir() or path.is_symlink():
+        return False
+    return ((path / META).is_file() or name.startswith((".staging-", ".discard-"))
+            or (path.parent.name == "gguf" and _hex_prefix(name.lstrip("."))))
+
+
+def _hex_prefix(name: str) -> bool:  # gguf_source.converted_dir: the GGUF's sha256[:24], a dash, the versions
+    return len(name) > 25 and name[24] == "-" and all(c in "0123456789abcdef" for c in name[:24])
+
+
 def clear() -> int:
-    """Delete every cached pass output; returns bytes freed."""
+    """Delete every cached pass output and GGUF conversion (only what optpipe wrote); returns bytes freed."""
     root = cache_root()
-    if not root.exists():
+    if not root.is_dir():
         return 0
-    freed = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    shutil.rmtree(root)
+    freed = 0
+    gguf = root / "gguf"
+    for path in [*root.iterdir(), *(gguf.iterdir() if gguf.is_dir() and not gguf.is_symlink() else ())]:
+        if _ours(path):
+            freed += sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+            shutil.rmtree(path, ignore_errors=True)
+    for folder in (gguf, root):  # left only when something else lives there
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
     return freed

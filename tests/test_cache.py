@@ -90,3 +90,25 @@ def test_the_task_is_part_of_the_key(tiny_bert_dir, tmp_path, monkeypatch):
     optimize(str(tiny_bert_dir), "cpu-int8", tmp_path / "a")
     with pytest.raises(UnsupportedModelError, match="text2text-generation"):
         optimize(str(tiny_bert_dir), "cpu-int8", tmp_path / "b", task="text2text-generation")
+
+
+def test_clear_removes_only_what_optpipe_wrote(tmp_path, monkeypatch):
+    """`optpipe cache clear` with OPTPIPE_CACHE pointed at a folder that holds other things keeps them."""
+    from optpipe import cache
+
+    root = tmp_path / "shared"
+    monkeypatch.setenv("OPTPIPE_CACHE", str(root))
+    (root / "notes").mkdir(parents=True)
+    (root / "notes" / "keep.txt").write_text("mine")
+    (root / "fuse-0123").mkdir()
+    (root / "fuse-0123" / cache.META).write_text("{}")
+    (root / ".staging-quantize-1-abc").mkdir()
+    converted = root / "gguf" / ("ab" * 12 + "-transformers4.57-gguf0.17")
+    converted.mkdir(parents=True)
+    (converted / "model.safetensors").write_bytes(b"x" * 100)
+    assert cache.clear() == 102
+    assert sorted(p.name for p in root.iterdir()) == ["notes"] and (root / "notes" / "keep.txt").is_file()
+    (root / "notes" / "keep.txt").unlink()
+    (root / "notes").rmdir()
+    cache.clear()
+    assert not root.exists()  # nothing else lived there: the folder goes too

@@ -125,7 +125,7 @@ def test_recorded_figures_are_compared_on_their_own_clock(slowed_pair, tmp_path)
 
 
 def test_decoder_decode_workload_on_cpu_time(arch_dirs, tmp_path):
-    """Decoders gate prefill (their first workload) or, with --workload decode, one token against a KV cache."""
+    """Decoders gate decode (one token against a KV cache; the default on --update) or, with --workload, prefill."""
     from optpipe import optimize
 
     art = optimize(str(arch_dirs("gpt2")), "cpu-fp32", tmp_path / "gpt2", pipeline="export").path

@@ -102,6 +102,25 @@ def test_decoder_prefill_and_decode_are_both_measured(arch_dirs, tmp_path):
     assert decode.feed["attention_mask"].shape == (2, 13)
     rows = bench([art.path], [2], [12], threads=1, runs=3).rows
     assert [r.workload for r in rows] == ["prefill", "decode"]
+    # compare times a decoder's decode step unless told otherwise, and says so; an encoder is not comparable
+    assert compare(art.path, art.path, seq=12, threads=1, seconds=0.2).workload == "decode"
+    assert compare(art.path, art.path, seq=12, threads=1, seconds=0.2, workload="prefill").workload == "prefill"
+    out = optpipe("compare", str(art.path), str(art.path), "--seq", "12", "--seconds", "0.2")
+    assert out.returncode == 0 and " decode latency (bs 1, seq 12" in out.stdout
+    limit = json.loads((art.path / "config.json").read_text())["n_positions"]
+    assert_one_line_error(optpipe("bench", str(art.path), "--seq", str(limit)), f"takes at most {limit} tokens")
+
+
+def test_compare_refuses_models_of_different_kinds(arch_dirs, tiny_fp32, tmp_path):
+    from optpipe import optimize
+
+    art = optimize(str(arch_dirs("gpt2")), "cpu-fp32", tmp_path / "gpt2", pipeline="export")
+    assert_one_line_error(optpipe("compare", str(tiny_fp32), str(art.path), "--seq", "8", "--seconds", "0.2"),
+                          "run different workloads")
+    usage = optpipe("bench", str(tiny_fp32), "--seconds", "0")  # argparse's usage error: exit 2
+    assert usage.returncode == 2 and "argument --seconds: 0 must be > 0" in usage.stderr
+    assert_one_line_error(optpipe("bench", str(tiny_fp32), "--json", str(tmp_path / "no" / "x.json")),
+                          "does not exist")
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

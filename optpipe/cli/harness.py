@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from optpipe.artifact import check_output_file, write_output_file
 from optpipe.errors import InvalidOptionError
 
 
@@ -17,6 +18,22 @@ def _ints(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise InvalidOptionError(f"{text!r}: give whole numbers >= 1 (e.g. 1,8)")
     return values
+
+
+def _number(kind: type, least: float, strict: bool):
+    """An argparse type: a number of `kind` above `least` (or at least it), with a one-line error otherwise."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if value < least or (strict and value == least):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {least:g}")
+        return value
+    return parse
+
+
+SECONDS, COUNT, AT_LEAST_0 = _number(float, 0, strict=True), _number(int, 1, strict=False), _number(int, 0, False)
 
 
 def _ratio(r) -> str:
@@ -31,6 +48,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from optpipe.perf.harness import bench
     from optpipe.perf.inputs import parse_seqs
 
+    if args.json:
+        check_output_file(args.json, "--json")
     result = bench(args.artifacts, _ints(args.batch), parse_seqs(args.seq), threads=args.threads, warmup=args.warmup,
                    runs=args.runs, seconds=args.seconds, progress=args.progress, new_tokens=args.new_tokens,
                    spinning=args.spinning)
@@ -45,7 +64,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{r.p50_ms:>9.3f} {r.p90_ms:>9.3f} {r.p99_ms:>9.3f} {r.sequences_per_s:>9.1f} {r.memory_mb:>7.1f}  "
               f"{_ratio(r.ratio)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+        write_output_file(args.json, json.dumps(result.to_json(), indent=2, default=str) + "\n", "--json")
         args.progress(f"wrote {args.json}")
     return 0
 
@@ -55,11 +74,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from optpipe.perf.inputs import seq_name, seq_value
 
     ratio = compare(args.a, args.b, batch=args.batch, seq=seq_value(args.seq), threads=args.threads,
-                    seconds=args.seconds, progress=args.progress, spinning=args.spinning)
+                    seconds=args.seconds, progress=args.progress, spinning=args.spinning, workload=args.workload)
     verdict = ratio.verdict()
     change = f"{abs(1 - ratio.ratio):.1%} " + ("slower" if ratio.ratio > 1 else "faster")
-    print(f"{_short(args.b)} / {_short(args.a)} latency (bs {args.batch}, seq {seq_name(args.seq)}, threads "
-          f"{args.threads or 'ORT default'}, spinning {args.spinning}, {ratio.rounds} interleaved rounds): "
+    print(f"{_short(args.b)} / {_short(args.a)} {ratio.workload} latency (bs {args.batch}, seq {seq_name(args.seq)}, "
+          f"threads {args.threads or 'ORT default'}, spinning {args.spinning}, {ratio.rounds} interleaved rounds): "
           f"{_ratio(ratio)} (95% interval)")
     if verdict == "no difference detected at this noise":
         print(f"verdict: no difference detected at this noise ({change} measured, interval includes 1.0)")
@@ -72,6 +91,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from optpipe import check
     from optpipe.perf.regress import markdown, parse_tolerance
 
+    for option, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path:
+            check_output_file(path, option)
     result = check(args.artifact, args.baseline, tolerance=parse_tolerance(args.tolerance), update=args.update,
                    seconds=args.seconds, threads=args.threads, measure=args.measure, workload=args.workload,
                    fail_inconclusive=args.fail_inconclusive, progress=args.progress)
@@ -80,9 +102,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(result.message)
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+        write_output_file(args.json, json.dumps(result.to_json(), indent=2, default=str) + "\n", "--json")
     if args.markdown:
-        Path(args.markdown).write_text(markdown(result, args.artifact, args.baseline))
+        write_output_file(args.markdown, markdown(result, args.artifact, args.baseline), "--markdown")
     return result.exit_code
 
 
@@ -103,12 +125,12 @@ def add_harness_parsers(sub) -> None:
     bench.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
     bench.add_argument("--seq", default="128", help="sequence lengths, comma-separated; 'real': held-out sentences "
                        "at their own token lengths, padded to the batch's longest (default 128)")
-    bench.add_argument("--threads", type=int, help="intra-op threads per session (default: ONNX Runtime's)")
-    bench.add_argument("--warmup", type=int, default=5, help="warm-up runs per artifact and shape (default 5)")
+    bench.add_argument("--threads", type=COUNT, help="intra-op threads per session (default: ONNX Runtime's)")
+    bench.add_argument("--warmup", type=AT_LEAST_0, default=5, help="warm-up runs per artifact and shape (default 5)")
     budget = bench.add_mutually_exclusive_group()
-    budget.add_argument("--runs", type=int, help="interleaved rounds per shape")
-    budget.add_argument("--seconds", type=float, default=5.0, help="time budget per shape (default 5)")
-    bench.add_argument("--new-tokens", type=int, default=0, metavar="N",
+    budget.add_argument("--runs", type=COUNT, help="interleaved rounds per shape")
+    budget.add_argument("--seconds", type=SECONDS, default=5.0, help="time budget per shape (default 5)")
+    bench.add_argument("--new-tokens", type=AT_LEAST_0, default=0, metavar="N",
                        help="decoders: also time N greedy tokens after the prompt ('generate': ms per new token, "
                        "seq/s = tokens/s); prefill is time to first token (default 0: off)")
     bench.add_argument("--json", metavar="FILE", help="write all figures as JSON")
@@ -118,10 +140,13 @@ def add_harness_parsers(sub) -> None:
     compare.set_defaults(handler=cmd_compare)
     compare.add_argument("a", metavar="A")
     compare.add_argument("b", metavar="B")
-    compare.add_argument("--batch", type=int, default=1)
+    compare.add_argument("--batch", type=COUNT, default=1)
     compare.add_argument("--seq", default="128", help="sequence length, or 'real' (default 128)")
-    compare.add_argument("--threads", type=int)
-    compare.add_argument("--seconds", type=float, default=10.0, help="length of the interleaved run (default 10)")
+    compare.add_argument("--threads", type=COUNT)
+    compare.add_argument("--seconds", type=SECONDS, default=10.0, help="length of the interleaved run (default 10)")
+    compare.add_argument("--workload", choices=("forward", "prefill", "decode", "encoder"),
+                         help="which workload to time (default: forward; decoders: decode, one token against the KV "
+                              "cache)")
     _spinning_argument(compare)
 
     check = sub.add_parser("check", help="CI gate: exit 3 on a latency regression beyond the tolerance")
@@ -130,16 +155,16 @@ def add_harness_parsers(sub) -> None:
     check.add_argument("--baseline", required=True, metavar="FILE", help="baseline JSON (written by --update)")
     check.add_argument("--tolerance", default="5%", help="slowdown allowed before failing (default 5%%)")
     check.add_argument("--update", action="store_true", help="record ARTIFACT as the new baseline and exit 0")
-    check.add_argument("--seconds", type=float, help="time budget of the timing run; a clear verdict stops "
+    check.add_argument("--seconds", type=SECONDS, help="time budget of the timing run; a clear verdict stops "
                                                       "earlier (default: the baseline's, 20)")
-    check.add_argument("--threads", type=int, help="intra-op threads (default: the baseline's)")
+    check.add_argument("--threads", type=COUNT, help="intra-op threads (default: the baseline's)")
     check.add_argument("--measure", choices=("auto", "wall", "cpu"),
                        help="what to time: wall clock, or the calling thread's CPU time (only with --threads 1 on "
                             "the CPU provider; it leaves out preemption on a busy runner); auto = cpu there, else "
                             "wall (default: the baseline's, auto)")
     check.add_argument("--workload", choices=("forward", "prefill", "decode", "encoder"),
-                       help="which workload to gate (decoders: prefill or decode; default: the baseline's, the "
-                            "artifact's first)")
+                       help="which workload to gate (decoders: prefill or decode; default: the baseline's; "
+                            "on --update, decode for decoders, else the artifact's first)")
     check.add_argument("--fail-inconclusive", action="store_true",
                        help="exit 3 when the noise is too high to judge within the budget (default: exit 0)")
     check.add_argument("--json", metavar="FILE", help="write the verdict as JSON")

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +24,8 @@ import numpy as np
 from optpipe.artifact import Artifact
 from optpipe.errors import InvalidOptionError
 from optpipe.passbase import track
-from optpipe.perf.inputs import REAL, REAL_SEQ, Workload, next_step_feed, seq_name, seq_value, workloads
+from optpipe.perf.inputs import (REAL, REAL_SEQ, Workload, next_step_feed, pick_workload, seq_name, seq_value,
+                                 workloads)
 from optpipe.perf.stats import RatioEstimate, paired_ratio
 from optpipe.session import require_provider, target_session
 
@@ -237,17 +238,23 @@ def bench(artifacts: list[str | Path] | list[Measured], batches: list[int] | tup
 
 def interleaved_ratios(model_paths: list[Path], *, batch: int = 1, seq: int = 128, threads: int | None = None,
                        seconds: float = 10.0, progress: Callable[[Any], None] | None = None,
-                       spinning: str = "off") -> list[RatioEstimate]:
+                       spinning: str = "off", workload: str | None = None) -> list[RatioEstimate]:
     """Latency of each model relative to the first (ratio 1.0), interleaved for about `seconds`, with a 95%
-    interval. Paths may be artifact directories (their target's provider settings) or bare .onnx files."""
+    interval, on one workload (inputs.pick_workload: forward for encoders, decode for decoders by default; each
+    estimate names it). Paths may be artifact directories (their target's provider settings) or bare .onnx files."""
+    if seconds <= 0:
+        raise InvalidOptionError(f"--seconds must be > 0, not {seconds:g}")
     models = [open_model(p, threads, spinning) for p in model_paths]
     per_model = grid_workloads(models, batch, seq)
-    # Decoders have prefill and decode; the ratio is taken on the first workload (prefill / forward).
-    name = per_model[0][0].name
-    work = [next((w for w in ws if w.name == name), ws[0]) for ws in per_model]
+    name = pick_workload(per_model[0], workload).name
+    kinds = {tuple(w.name for w in ws) for ws in per_model}
+    if len(kinds) > 1:  # an encoder against a decoder, say: no workload means the same on both
+        listed = "; ".join(f"{Path(p).name}: {', '.join(w.name for w in ws)}" for p, ws in zip(model_paths, per_model))
+        raise InvalidOptionError(f"these models run different workloads ({listed}); compare models of one kind")
+    work = [pick_workload(ws, name) for ws in per_model]
     series = interleave(models, work, WARMUP, None, seconds, np.random.default_rng(0), progress,
                         "interleaved rounds")
-    return [paired_ratio(series[0], s) for s in series]
+    return [replace(paired_ratio(series[0], s), workload=name) for s in series]
 
 
 # CPU features that change ONNX Runtime's integer kernels (and so INT8 numerics and speed), as py-cpuinfo names them.
@@ -293,11 +300,12 @@ def bench_json(result: BenchResult) -> str:
 
 def compare(a: str | Path, b: str | Path, *, batch: int = 1, seq: int = 128, threads: int | None = None,
             seconds: float = 10.0, progress: Callable[[Any], None] | None = None,
-            spinning: str = "off") -> RatioEstimate:
+            spinning: str = "off", workload: str | None = None) -> RatioEstimate:
     """Latency of B / latency of A, interleaved, with a 95% interval (`.verdict()` says faster/slower/no
-    difference detected). `progress` gets a Tick per round."""
+    difference detected), on `workload` (default: forward for encoders, decode for decoders: the estimate's
+    `workload`). `progress` gets a Tick per round."""
     return interleaved_ratios([Path(a), Path(b)], batch=batch, seq=seq, threads=threads, seconds=seconds,
-                              progress=progress, spinning=spinning)[1]
+                              progress=progress, spinning=spinning, workload=workload)[1]
 
 
 def bench_staged(directory: Path, components: list[str] | tuple[str, ...], target, *, threads: int | None = None,

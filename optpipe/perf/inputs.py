@@ -247,6 +247,14 @@ def workloads(model_path: Path, sessions: dict[str, Any], batch: int, seq: int |
     def add(name: str, component: str, feed: dict[str, np.ndarray], steps: int = 0) -> None:
         out.append(Workload(name, component, batch, seq, feed, label, lengths, steps))
 
+    needed = seq + (max(new_tokens, 1) if any(_has_past(s) or "decoder" in c for c, s in sessions.items()) else 0)
+    limit = max_tokens(model_dir)
+    if limit and needed > limit:
+        from optpipe.errors import InvalidOptionError
+
+        raise InvalidOptionError(f"--seq {seq}: {model_dir.name} takes at most {limit} tokens (its config's position "
+                                 f"limit){', prompt and new tokens together' if needed > seq else ''}; use a shorter "
+                                 "--seq")
     for component, session in sessions.items():
         if component.startswith("encoder"):
             add("encoder", component, feed_for(session, ids, mask, 0, seq, rng))
@@ -263,6 +271,32 @@ def workloads(model_path: Path, sessions: dict[str, Any], batch: int, seq: int |
         else:
             add("forward", component, feed_for(session, ids, mask, 0, seq, rng))
     return out
+
+
+def max_tokens(model_dir: Path) -> int | None:
+    """The longest sequence the model's config allows (learned or cached rotary positions), None when it does not
+    say (a bare .onnx, relative positions as in T5)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key]
+    return None
+
+
+def pick_workload(works: list[Workload], name: str | None = None) -> Workload:
+    """The workload called `name`. None: `decode` where there is one (a decoder's cost per generated token, what
+    compare and check gate by default), else the first (forward; encoder of a seq2seq model without a decoder)."""
+    from optpipe.errors import InvalidOptionError
+
+    if name is None:
+        return next((w for w in works if w.name == "decode"), works[0])
+    found = next((w for w in works if w.name == name), None)
+    if found is None:
+        raise InvalidOptionError(f"--workload {name!r}: this artifact has {', '.join(w.name for w in works)}")
+    return found
 
 
 def next_step_feed(feed: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ from optpipe.version import __version__
 from optpipe.artifact import Artifact, sha256_file
 from optpipe.errors import BaselineError, InvalidOptionError
 from optpipe.perf.harness import Measured, interleave, grid_workloads, machine_facts, open_artifact
-from optpipe.perf.inputs import Workload
+from optpipe.perf.inputs import pick_workload
 from optpipe.perf.stats import RatioEstimate
 from optpipe.perf.verdict import (EPOCH_SECONDS, MIN_EPOCHS, Epochs, Looks, ratio_distribution, t_distribution,
                                    verdict)
@@ -131,20 +131,10 @@ def resolve_measure(measure: str | None, threads: int | None,
                     f"on the calling thread); {why}: timed on the wall clock instead")
 
 
-def _pick(works: list[Workload], name: str | None) -> Workload:
-    """The workload called `name` (None: the first: forward, or prefill for decoders)."""
-    if name is None:
-        return works[0]
-    found = next((w for w in works if w.name == name), None)
-    if found is None:
-        raise InvalidOptionError(f"--workload {name!r}: this artifact has {', '.join(w.name for w in works)}")
-    return found
-
-
 def _measure_alone(model: Measured, batch: int, seq: int, seconds: float, clock: str = "wall",
                    workload: str | None = None, stop: Callable | None = None,
                    progress: Callable | None = None) -> tuple[str, np.ndarray]:
-    work = _pick(grid_workloads([model], batch, seq)[0], workload)
+    work = pick_workload(grid_workloads([model], batch, seq)[0], workload)
     return work.name, interleave([model], [work], 5, None, seconds, np.random.default_rng(0), progress,
                                  "rounds", clock, stop)[0]
 
@@ -288,7 +278,7 @@ def _epochs(reference: Path, artifact: Path, threads: int | None, batch: int, se
         else:
             models = list(reversed([open_artifact(artifact, threads), open_artifact(reference, threads)]))
         works = grid_workloads(models, batch, seq)
-        work = [_pick(works[0], workload)]
+        work = [pick_workload(works[0], workload)]
         work.append(next((w for w in works[1] if w.name == work[0].name), works[1][0]))
         state.workload = work[1].name
         left = deadline - time.perf_counter()

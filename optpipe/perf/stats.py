@@ -19,6 +19,7 @@ class RatioEstimate:
     high: float
     rounds: int = 0
     level: float = 0.95
+    workload: str = ""  # what the rounds timed (optpipe.perf.inputs: forward, prefill, decode ...), when known
 
     def verdict(self, margin: float = 0.0) -> str:
         """faster / slower / no difference detected at this noise (beyond `margin`, e.g. 0.01 = 1%)."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optpipe.artifact import umask_mode
 from optpipe.errors import OutputError
 from optpipe.sweep.jobs import SweepJob
 
@@ -36,6 +37,7 @@ def write_records(out: Path, records: dict[str, dict[str, Any]], meta: dict[str,
     file = out / RESULTS
     fd, tmp = tempfile.mkstemp(prefix=f".{RESULTS}.", suffix=".tmp", dir=out)
     try:
+        os.fchmod(fd, umask_mode(directory=False))
         with os.fdopen(fd, "w") as fh:
             json.dump({"results": list(records.values()), "sweep": meta}, fh, indent=2, default=str)
             fh.write("\n")
