@@ -179,9 +179,7 @@ def write_output_file(path: str | Path, text: str, what: str) -> None:
 
 def staging_dir(dest: Path) -> Path:
     """A temporary directory beside the destination, so the final rename stays on one filesystem."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    staging.chmod(umask_mode(directory=True))
-    return staging
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
 
 
 def publish(staging: Path, dest: Path, manifest: dict[str, Any], overwrite: bool) -> Artifact:
@@ -189,6 +187,7 @@ def publish(staging: Path, dest: Path, manifest: dict[str, Any], overwrite: bool
     try:
         manifest = {**manifest, "files": file_table(staging)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        staging.chmod(umask_mode(directory=True))  # mkdtemp's (and copied pass outputs') private 0700 otherwise
         if dest.exists():
             if not overwrite:
                 raise OutputError(f"output directory {dest} already exists; pass --overwrite to replace it")

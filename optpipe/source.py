@@ -157,7 +157,7 @@ def _download(model_id: str, revision: str | None) -> Path:
             raise ModelNotFoundError(f"{not_cached} and HF_HUB_OFFLINE is set: run once with network access "
                                      "(HF_HUB_OFFLINE unset) to download it") from exc
         raise ModelNotFoundError(f"{not_cached} and the Hub could not be reached: run once with network access to "
-                                 "download it, or set HF_HUB_OFFLINE=1 to use a cached copy") from exc
+                                 "download it, or pass a local model directory") from exc
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "an error"
         what = "refused the credentials: check HF_TOKEN or log in again (hf auth login)" if status == 401 else \
@@ -173,8 +173,7 @@ def _download(model_id: str, revision: str | None) -> Path:
                                           local_files_only=True))
         except LocalEntryNotFoundError:
             raise ModelNotFoundError(f"{not_cached} and the Hub could not be reached ({_first_line(exc)}): run "
-                                     "once with network access, or set HF_HUB_OFFLINE=1 to use a cached "
-                                     "copy") from exc
+                                     "once with network access, or pass a local model directory") from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,5 +1,7 @@
 """The bundled all-MiniLM-L6-v2 end to end through the Python API (built once per session)."""
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -100,6 +102,9 @@ def test_overwrite_replaces(tiny_bert_dir, tmp_path):
     art = optimize(str(tiny_bert_dir), "cpu-int8", out, overwrite=True)
     assert Artifact.load(out).manifest["target"]["name"] == "cpu-int8" == art.manifest["target"]["name"]
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no staging or backup left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # as mkdir makes it, not mkdtemp's private 0700
 
 
 def test_failed_validation_publishes_nothing(tiny_bert_dir, tmp_path):

@@ -41,6 +41,8 @@ def test_targets_lists_descriptions_and_recipes():
     assert result.returncode == 0
     assert "cpu-int8" in result.stdout and "cpu-fp32" in result.stdout
     assert "export,fuse{flavor=cpu},quantize{" in result.stdout
+    assert "recipe for decoders (text-generation): export{gguf_blocks=true},fuse{flavor=cpu},weight_only{bits=4" \
+        in result.stdout  # cpu-int4 has no other recipe
 
 
 def test_run_bundled_model_default_output(bundled_int8, tmp_path):

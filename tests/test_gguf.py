@@ -189,6 +189,22 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, tokenizer_fields, monke
     assert not target.exists() and not list(target.parent.glob(f".{target.name}*"))
 
 
+def test_cli_conversion_draws_no_bar_into_logs(tmp_path, tokenizer_fields):
+    """transformers' tqdm bar over the GGUF's tensors stays out of piped stderr (a CI log), as optpipe's own do."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "logged.gguf"
+    write_gguf(path, tokenizer_fields, seed=11)
+    env = {**os.environ, "OPTPIPE_CACHE": str(tmp_path / "cache")}  # a fresh cache: the conversion runs
+    result = subprocess.run([sys.executable, "-m", "optpipe", "run", str(path), "--target", "cpu-fp32", "-o",
+                             str(tmp_path / "art"), "--set", "validate.greedy_match=0"], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "Converting" not in result.stderr
+
+
 def test_directory_with_two_ggufs(tmp_path, tiny_gguf):
     for name in ("a.gguf", "b.gguf"):
         (tmp_path / name).write_bytes(b"")

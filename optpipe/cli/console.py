@@ -123,6 +123,8 @@ def configured(verbosity: int, quiet: bool, reporter: Reporter) -> Iterator[None
     library_level = logging.WARNING if loud else logging.ERROR
     env = {"TOKENIZERS_PARALLELISM": "false", "TF_CPP_MIN_LOG_LEVEL": "3" if not loud else "1",
            "TRANSFORMERS_VERBOSITY": "warning" if loud else "error"}
+    if not reporter.bars:  # the libraries' own tqdm bars (transformers' GGUF conversion) stay off logs and pipes
+        env.update({"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
     saved_env = {key: os.environ.get(key) for key in env}
     for key, value in env.items():
         os.environ.setdefault(key, value)  # the user's own setting wins
@@ -152,6 +154,9 @@ def configured(verbosity: int, quiet: bool, reporter: Reporter) -> Iterator[None
                 warnings.simplefilter("ignore")
                 if not quiet:  # optpipe's own Python warnings stay visible
                     warnings.filterwarnings("default", module=r"optpipe(\.|$)")
+                    # but not a library's unclosed file that the garbage collector happens to find while optpipe
+                    # code runs (it is reported against that code's module)
+                    warnings.filterwarnings("ignore", category=ResourceWarning)
             yield
     finally:
         reporter.close()

@@ -49,9 +49,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_targets(args: argparse.Namespace) -> int:
     from optpipe import list_targets
 
+    from optpipe.targets.recipe import format_pipeline
+
     for target in list_targets():
         print(f"{target.name:<18} {target.description}")
-        print(f"{'':<18} provider: {target.provider}   recipe: {target.pipeline}")
+        print(f"{'':<18} provider: {target.provider}")
+        if target.passes:
+            print(f"{'':<18} recipe: {target.pipeline}")
+        if target.decoder_passes:
+            print(f"{'':<18} recipe for decoders (text-generation): {format_pipeline(target.decoder_passes)}")
     return 0
 
 

@@ -45,7 +45,7 @@ def _brief(report: dict[str, Any]) -> str:
 
 def print_summary(artifact) -> None:
     m = artifact.manifest
-    print(f"\n{m['source']['id']} -> {m['target']['name']}   [{m['pipeline']}]")
+    print(f"{m['source']['id']} -> {m['target']['name']}   [{m['pipeline']}]")
     print(f"{'pass':<10} {'seconds':>8} {'size in':>10} {'size out':>10}  what changed")
     for step in m["passes"]:
         seconds = "cached" if step["cached"] else f"{step['seconds']:.1f}"
@@ -57,9 +57,13 @@ def print_summary(artifact) -> None:
     status = f"deferred ({v['deferred']})" if v.get("deferred") else ("passed" if v["passed"] else "FAILED")
     print(f"validation ({v['texts']} texts, {v['provider']}): {figures}  [{limits}]  {status}")
     cpu = v.get("cpu")
-    if cpu and cpu.get("target_isa"):  # CPU targets: which integer numerics were checked, on what
+    integer = any(g.get("integer_ops") or "MatMulNBits" in g.get("ops", {}) for g in m.get("graph", {}).values())
+    if cpu and cpu.get("target_isa") and integer:  # CPU targets: which integer numerics were checked, on what
         print(f"isa: INT8 numerics for {cpu['target_isa']}, validated on {cpu['family']} ({cpu['brand']})"
               + (f"; {cpu['note']}" if cpu.get("note") else ""))
+    elif cpu and cpu.get("target_isa"):
+        print(f"isa: no integer kernels (float only), validated on {cpu['family']} "
+              f"({cpu['brand']})")
     for workload, prof in m.get("profile", {}).get("workloads", {}).items():
         top = ", ".join(f"{op} {v['share']:.0%}" for op, v in list(prof["ops"].items())[:4])
         print(f"time by op type ({workload}, bs {m['profile']['settings']['batch']} seq "

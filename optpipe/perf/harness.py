@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from optpipe.artifact import Artifact
-from optpipe.errors import InvalidOptionError
+from optpipe.errors import ArtifactError, InvalidOptionError
 from optpipe.passbase import track
 from optpipe.perf.inputs import (REAL, REAL_SEQ, Workload, next_step_feed, pick_workload, seq_name, seq_value,
                                  workloads)
@@ -138,6 +138,9 @@ def open_artifact(path: str | Path, threads: int | None = None, spinning: str = 
 def open_model(path: str | Path, threads: int | None = None, spinning: str = "off") -> Measured:
     """A bare .onnx file or an artifact directory (the scoreboard times anchors that are not optpipe artifacts)."""
     path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist: give an artifact directory (what optpipe run wrote) or an .onnx "
+                            "file")
     if path.is_dir():
         return open_artifact(path, threads, spinning)
     from optpipe.session import create_session
