@@ -13,12 +13,12 @@ from typing import Any, Callable
 
 from optpipe.version import __version__
 from optpipe.artifact import FORMAT_VERSION, Artifact, prepare_destination, publish, staging_dir
-from optpipe.errors import OutputError, ValidationFailedError
+from optpipe.errors import OutputError, UnsupportedModelError, ValidationFailedError
 from optpipe.passbase import ModelFiles, Tick, op_counts
 from optpipe.pipeline import Pipeline, PipelineResult, package_versions
 from optpipe.source import ModelSource, resolve_source
 from optpipe.targets import Target, load_target
-from optpipe.validation.encoders import ValidationResult, validate
+from optpipe.validation.encoders import VALIDATORS, ValidationResult, validate
 
 log = logging.getLogger("optpipe")
 
@@ -126,6 +126,9 @@ def optimize(
         if recipe:
             Pipeline(recipe, PASSES)  # options and order are checked before any work
     source = resolve_source(str(model) if model is not None else None, task, revision)
+    if source.task not in VALIDATORS:  # every artifact is validated: say so before the passes run, not after
+        raise UnsupportedModelError(f"no validation for task {source.task!r} yet, so nothing could be published "
+                                    f"(supported: {', '.join(sorted(VALIDATORS))}); pass --task with one of them")
     resolved_target = resolved_target.for_task(source.task, gguf=source.gguf_file is not None)
     steps = Pipeline(resolved_target.passes, PASSES)
     dest = Path(output) if output is not None else default_output(source, resolved_target)
@@ -206,13 +209,19 @@ def _validated_manifest(source: ModelSource, target: Target, result: PipelineRes
             f"validation failed for {target.name}: {'; '.join(validation.failures)} "
             f"(metrics: {_fmt(validation.metrics)}); nothing was published{_hint(result)}"
         )
-    source_bytes = sum(p.stat().st_size for p in source.path.rglob("*") if p.is_file()
-                       and p.suffix in (".safetensors", ".bin"))
+    source_bytes = _weights_bytes(source.path)
     # runs_target_numerics: this CPU's default kernels compute what the target's CPUs do; validated_target_numerics:
     # the validation did (on AVX2, through session.x64quantprecision)
     cpu_facts = {**cpu.to_json(), "target_isa": target.numerics_isa, "runs_target_numerics": note is None,
                  "validated_target_numerics": note is None or bool(extra), "note": note, "session_options": extra}
     return build_manifest(source, target, result, staged, validation, source_bytes, cpu_facts)
+
+
+def _weights_bytes(model_dir: Path) -> int:
+    """The size of the PyTorch weights transformers loads: the top-level safetensors, else pytorch_model*.bin (a
+    repository may hold both, and other runtimes' .bin files)."""
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+    return sum(p.stat().st_size for p in files if p.is_file())
 
 
 def check_calibration(calibration: str | Path | None) -> tuple[str | None, str | None]:

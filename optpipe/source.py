@@ -127,6 +127,9 @@ def infer_task(config: dict) -> str:
 
 
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "tokenizer*", "merges.txt", "vocab*"]
+# What transformers does not read from a model directory: subfolders (onnx/, openvino/, sentence-transformers'
+# 1_Pooling/), other runtimes' weights and training state at the top level.
+_IGNORE_PATTERNS = ["*/*", "openvino*", "training_args.bin", "optimizer*", "scheduler*", "rng_state*"]
 _LOGIN = "set HF_TOKEN or log in (hf auth login)"
 
 
@@ -140,7 +143,8 @@ def _download(model_id: str, revision: str | None) -> Path:
     at = f" at revision {revision!r}" if revision else ""
     not_cached = f"model {model_id!r}{at} is not in the local cache ({constants.HF_HUB_CACHE})"
     try:
-        return Path(snapshot_download(model_id, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS))
+        return Path(snapshot_download(model_id, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS,
+                                      ignore_patterns=_IGNORE_PATTERNS))
     except HFValidationError as exc:
         raise ModelNotFoundError(f"{model_id!r} is neither a local directory nor a valid hub id") from exc
     except GatedRepoError as exc:  # before RepositoryNotFoundError, its base class
@@ -170,6 +174,7 @@ def _download(model_id: str, revision: str | None) -> Path:
         # e.g. an SSL or proxy error, which snapshot_download does not turn into its cache fallback
         try:
             return Path(snapshot_download(model_id, revision=revision, allow_patterns=_DOWNLOAD_PATTERNS,
+                                          ignore_patterns=_IGNORE_PATTERNS,
                                           local_files_only=True))
         except LocalEntryNotFoundError:
             raise ModelNotFoundError(f"{not_cached} and the Hub could not be reached ({_first_line(exc)}): run "

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optpipe.errors import UnsupportedModelError
+from optpipe.errors import InvalidOptionError, UnsupportedModelError
 from optpipe.passbase import ModelFiles, Pass, PassContext, PassResult, Report
 
 log = logging.getLogger("optpipe.export")
@@ -35,9 +35,9 @@ class ExportConfig:
 
     def check(self) -> None:
         if self.decoder not in ("auto", "optimum"):
-            raise UnsupportedModelError(f"export.decoder must be 'auto' or 'optimum', not {self.decoder!r}")
+            raise InvalidOptionError(f"export.decoder must be 'auto' or 'optimum', not {self.decoder!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise UnsupportedModelError(f"export.accuracy_level must be 0 to 4, not {self.accuracy_level}")
+            raise InvalidOptionError(f"export.accuracy_level must be 0 to 4, not {self.accuracy_level}")
 
 
 # Optimum writes a seq2seq decoder three ways: without past, with past, and both merged behind an If node.
@@ -130,6 +130,10 @@ def _fused_decoder(files: ModelFiles, config: ExportConfig, ctx: PassContext) ->
     from optpipe.passes.decoder_graph import build_decoder
 
     source, weights, carried = ctx.source, None, None
+    if not config.use_past or config.opset is not None:  # options of optimum-onnx's export, not of this builder
+        asked = "use_past=false" if not config.use_past else f"opset={config.opset}"
+        raise InvalidOptionError(f"export.{asked}: the fused {source.model_type} graph always has a KV cache and its "
+                                 "own opset; add --set export.decoder=optimum for optimum-onnx's export")
     if config.gguf_blocks and source.gguf_file is not None:
         from optpipe.passes.gguf_blocks import gguf_weights
 
@@ -143,7 +147,7 @@ def _fused_decoder(files: ModelFiles, config: ExportConfig, ctx: PassContext) ->
     copy_aux_files(files.path, ctx.out_dir, skip=_HF_WEIGHTS)
     write_genai_config(files.path, ctx.out_dir)
     report = ExportReport(task="text-generation-with-past", components=("model.onnx",), opset="optpipe decoder builder",
-                          validated_by_optimum=False, atol=config.atol, exporter="optpipe decoder builder",
+                          validated_by_optimum=False, atol=0.0, exporter="optpipe decoder builder",
                           fused_ops=dict(built.op_counts), gguf_blocks=carried.to_json() if carried else None,
                           note="; ".join(built.notes) or None)
     return PassResult(ModelFiles(ctx.out_dir, "onnx", ("model.onnx",)), report)

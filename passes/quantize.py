@@ -72,6 +72,17 @@ class QuantizeConfig:
                 raise InvalidOptionError(f"quantize.{key} must be true or false, not {getattr(self, key)!r}")
         if not isinstance(self.calibration_column, str) or not self.calibration_column:
             raise InvalidOptionError("quantize.calibration_column must be a column name")
+        if self.mode == "dynamic":  # a static-only option set on a dynamic recipe would silently do nothing
+            defaults = QuantizeConfig()
+            ignored = [key for key in STATIC_ONLY if getattr(self, key) != getattr(defaults, key)]
+            if ignored:
+                raise InvalidOptionError(f"quantize.{ignored[0]} applies to mode=static only (this recipe is "
+                                         "dynamic: add quantize.mode=static, or drop the option)")
+
+
+# Options that only static quantization reads (passes/quantize_static.py).
+STATIC_ONLY = ("quant_format", "calibrate_method", "percentile", "activation_symmetric", "weight_symmetric",
+               "sensitivity_fallback", "quantize_outputs")
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,12 @@ def test_user_errors_are_one_line(args, fragment, tmp_path):
     assert_one_line_error(optpipe(*args, cwd=tmp_path), fragment)
 
 
+def test_a_task_without_validation_is_refused_before_any_pass(tiny_bert_dir, tmp_path):
+    result = optpipe("run", str(tiny_bert_dir), "--task", "fill-mask", "-o", str(tmp_path / "art"))
+    assert_one_line_error(result, "no validation for task 'fill-mask' yet")
+    assert "[1/" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
 def test_not_a_model_directory(tmp_path):
     assert_one_line_error(optpipe("run", str(tmp_path)), "no config.json")
 

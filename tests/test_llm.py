@@ -81,6 +81,15 @@ def test_cpu_int4_of_an_encoder_says_what_to_use(tiny_bert_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_optimum_only_export_options_are_refused_on_the_fused_graph(decoder_dirs, tmp_path):
+    from optpipe.errors import InvalidOptionError
+
+    for option in ("use_past=false", "opset=17"):
+        with pytest.raises(InvalidOptionError, match=f"export.{option}: .*export.decoder=optimum"):
+            optimize(str(decoder_dirs("llama")), "cpu-fp32", tmp_path / "x", pipeline=f"export{{{option}}}")
+    assert not (tmp_path / "x").exists()
+
+
 def test_pad_less_tokenizer_is_handled(decoder_dirs, tmp_path):
     """Llama-3, Mistral and SmolLM2 ship no pad token; validation pads batches anyway."""
     import shutil

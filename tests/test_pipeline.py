@@ -33,7 +33,8 @@ def test_option_values_are_checked_against_their_types():
     for options, message in (({"percentile": "abc"}, "quantize.percentile must be a number"),
                              ({"per_channel": 1}, "quantize.per_channel must be true or false"),
                              ({"op_types": [1, 2]}, "quantize.op_types must be a list of names, not"),
-                             ({"calibration_samples": 2.5}, "quantize.calibration_samples must be a whole number")):
+                             ({"calibration_samples": 2.5}, "quantize.calibration_samples must be a whole number"),
+                             ({"calibrate_method": "percentile"}, "calibrate_method applies to mode=static only")):
         with pytest.raises(InvalidOptionError, match=message):
             build_config(QuantizePass, options)
 

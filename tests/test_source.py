@@ -79,3 +79,18 @@ def test_hub_id_resolves_from_local_cache(monkeypatch, tmp_path, tiny_bert_dir):
     _offline_cache(monkeypatch, tmp_path)
     source = resolve_source("acme/tiny-bert")
     assert source.model_id == "acme/tiny-bert" and source.path == snapshot
+
+
+def test_hub_download_takes_what_transformers_loads():
+    """The patterns optpipe hands snapshot_download: the top-level config, weights and tokenizer files; no other
+    runtimes' weights, no subfolders, no training state."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from optpipe.source import _DOWNLOAD_PATTERNS, _IGNORE_PATTERNS
+
+    repo = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+            "special_tokens_map.json", "openvino_model.bin", "openvino/openvino_model.bin", "onnx/model.onnx",
+            "1_Pooling/config.json", "training_args.bin", "README.md", "tf_model.h5"]
+    kept = list(filter_repo_objects(repo, allow_patterns=_DOWNLOAD_PATTERNS, ignore_patterns=_IGNORE_PATTERNS))
+    assert kept == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                    "special_tokens_map.json"]
