@@ -123,8 +123,6 @@ class Pass:
     produces: ClassVar[str]
     Config: ClassVar[type]
     Report: ClassVar[type[Report]]
-    # True when the output depends on the target beyond the pass's own options (e.g. GPU fusions).
-    target_dependent: ClassVar[bool] = False
     # True when the pass reads the calibration texts: their hash enters this pass's cache key, not earlier ones.
     reads_calibration: ClassVar[bool] = False
 

@@ -165,17 +165,17 @@ class Pipeline:
             raise PipelineOrderError("the pipeline must end with an ONNX model: add the export pass")
 
     @staticmethod
-    def step_key(previous: str, pass_cls: type[Pass], config: Any, target_name: str, versions: dict,
+    def step_key(previous: str, pass_cls: type[Pass], config: Any, versions: dict,
                  calibration_hash: str | None) -> str:
         """A pass output's cache key: what the pass reads and nothing else (the calibration texts only for the
-        pass that calibrates, the target only for target-dependent passes)."""
+        pass that calibrates). Passes read the target only through their options, so two targets that give a pass
+        the same input and options share its output."""
         payload = {
             "input": previous,
             "pass": pass_cls.name,
             "config": config_json(config),
             "versions": versions,
             "code": code_fingerprint(),
-            "target": target_name if pass_cls.target_dependent else None,
             "calibration": calibration_hash if pass_cls.reads_calibration else None,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -196,7 +196,7 @@ class Pipeline:
         records = []
         size = files.size_bytes()
         for index, (pass_cls, config) in enumerate(self.steps, start=1):
-            key = self.step_key(key, pass_cls, config, target.name, versions, calibration_hash)
+            key = self.step_key(key, pass_cls, config, versions, calibration_hash)
             label = f"[{index}/{len(self.steps)}] {pass_cls.name}"
             bytes_in = size  # the previous pass's output
             entry = cache.entry_path(pass_cls.name, key)

@@ -185,7 +185,7 @@ def structured(teacher, model_type: str, config: PruneConfig, data: PruneData, c
     if chosen is None:
         best = max(tried, key=lambda e: e["dev_cosine"])
         chosen = candidates[tried.index(best)]
-        reason = f"no candidate reached the floor {floor} in the time budget; best dev cosine kept"
+        reason = f"no candidate reached the floor {floor}; best dev cosine kept"
     picked = tried[candidates.index(chosen)]
     report = {"sparsity": picked["ffn_sparsity"], "chosen": f"{chosen:.0%} FFN ({reason})",
               "floor": floor, "floor_met": picked["dev_cosine"] >= floor,

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from optpipe.data.calibration import TextCalibrationReader, graph_input_names, load_calibration, tokenized_batches
+from optpipe.data.calibration import (SEQUENCE_LENGTHS, TextCalibrationReader, graph_input_names, load_calibration,
+                                      tokenized_batches)
 from optpipe.errors import CalibrationDataError
 from optpipe.passbase import track
 from optpipe.source import load_tokenizer
@@ -223,7 +224,7 @@ def quantize_static_component(src: Path, dst: Path, config, excluded_nodes: list
             excluded += list(kept)
         _quantize(prepared, dst, config, batches, cache, excluded, large, progress=ctx.progress)
         kept.update(activation_matmuls(prepared, config, excluded))
-        calibration = {**calib.to_json(), "batches": len(batches), "sequence_lengths": [16, 32, 64, 128]}
+        calibration = {**calib.to_json(), "batches": len(batches), "sequence_lengths": list(SEQUENCE_LENGTHS)}
         ranges = ranges_file_name(dst.name)
         count = write_ranges(cache, dst.parent / ranges, config, calibration)
     finally:

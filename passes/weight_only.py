@@ -121,8 +121,11 @@ class WeightOnlyPass(OnnxPass):
         candidates = weight_matmuls(model)
         carried = sum(1 for node in model.graph.node if node.op_type == "MatMulNBits")
         heads = lm_head_nodes(model)
-        untied = [n for n in heads if n not in candidates and config.lm_head_bits and _untie_head(model, n)]
-        candidates = weight_matmuls(model)
+        untied = []  # tied heads (a Gemm on the embedding table) get their own MatMul copy to quantize
+        for name in heads:
+            if name not in candidates and config.lm_head_bits and _untie_head(model, name):
+                untied.append(name)
+        candidates = weight_matmuls(model)  # again: now with the untied heads
         kept = _kept_float(list(candidates), config.keep_float)
         for name in heads:
             if name not in candidates:

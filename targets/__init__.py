@@ -78,7 +78,8 @@ class Target:
                        overrides=(*self.overrides, f"pipeline={text}"))
 
     def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> "Target":
-        """Apply `section.key=value` overrides: a pass name, `validate`, `provider_options` or `harness`."""
+        """Apply `section.key=value` overrides: a pass name, `validate`, `provider_options`, `session_options`,
+        `harness` or `target.isa`."""
         target = self
         for assignment in assignments:
             dotted, eq, raw = assignment.partition("=")
@@ -96,6 +97,8 @@ class Target:
                 target = replace(target, **{kind: {**getattr(target, kind), key: value} for kind in
                                             ("validate", "decoder_validate", "decoder_validate_gguf")})
             elif section in ("provider_options", "harness", "session_options"):
+                if section == "harness":
+                    _checked_harness({key: value}, f"--set {assignment}")
                 target = replace(target, **{section: {**getattr(target, section), key: value}})
             elif target.pass_spec(section) is not None:
                 target = replace(target, **{kind: tuple(s.with_option(key, value) if s.name == section else s
@@ -103,7 +106,7 @@ class Target:
                                             for kind in ("passes", "decoder_passes")})
             else:
                 names = dict.fromkeys(s.name for s in (*target.passes, *target.decoder_passes))
-                known = ", ".join([*names, "validate", "provider_options", "harness", "target.isa"])
+                known = ", ".join([*names, "validate", "provider_options", "session_options", "harness", "target.isa"])
                 raise InvalidOptionError(f"--set {assignment!r}: target {target.name} has no {section!r} (known: {known})")
             target = replace(target, overrides=(*target.overrides, assignment))
         return target
@@ -148,6 +151,17 @@ def _checked_thresholds(values: dict[str, Any], origin: str) -> dict[str, Any]:
     return dict(values)
 
 
+HARNESS_KEYS = ("batch_sizes", "sequence_lengths")  # the [harness] table: the shapes `run --bench` times
+
+
+def _checked_harness(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    unknown = sorted(set(values) - set(HARNESS_KEYS))
+    if unknown:
+        raise InvalidOptionError(f"{origin}: no harness setting {', '.join(unknown)} (settings: "
+                                 f"{', '.join(HARNESS_KEYS)})")
+    return dict(values)
+
+
 def _checked_isa(value: Any, origin: str) -> str | None:
     if value is not None and value not in TARGET_ISAS:
         raise InvalidOptionError(f"{origin}: isa must be one of {', '.join(TARGET_ISAS)}, not {value!r}")
@@ -178,7 +192,7 @@ def target_from_toml(data: dict, origin: str) -> Target:
             fallback_providers=tuple(data.get("fallback_providers", ())),
             session_options=dict(data.get("session_options", {})),
             validate=_checked_thresholds(data.get("validate", {}), f"target file {origin} [validate]"),
-            harness=dict(data.get("harness", {})),
+            harness=_checked_harness(data.get("harness", {}), f"target file {origin} [harness]"),
             decoder_passes=with_isa_numerics(_specs(decoder.get("passes", [])), isa),
             decoder_validate=_checked_thresholds(decoder.get("validate", {}), f"target file {origin} [decoder.validate]"),
             decoder_validate_gguf=_checked_thresholds(decoder.get("validate_gguf", {}),

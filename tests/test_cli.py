@@ -72,6 +72,7 @@ def test_run_with_set_and_output(tiny_bert_dir, tmp_path):
     (["run", "--set", "quantize.percentile=abc"], "quantize.percentile must be a number, not 'abc'"),
     (["run", "--set", "quantize.per_channel=3"], "quantize.per_channel must be true or false, not 3"),
     (["run", "--set", "validate.mean_cosin=0.9"], "no metric 'mean_cosin' to validate"),
+    (["run", "--set", "harness.bogus=1"], "no harness setting bogus (settings: batch_sizes, sequence_lengths)"),
 ])
 def test_user_errors_are_one_line(args, fragment, tmp_path):
     assert_one_line_error(optpipe(*args, cwd=tmp_path), fragment)

@@ -65,6 +65,6 @@ def test_cache_key_changes_with_the_code(monkeypatch):
 
     pipe = Pipeline(parse_pipeline("export,quantize"), PASSES)
     config = pipe.steps[1][1]
-    before = pipe.step_key("input", QuantizePass, config, "cpu-int8", {}, None)
+    before = pipe.step_key("input", QuantizePass, config, {}, None)
     monkeypatch.setattr(pipeline, "code_fingerprint", lambda: "edited")
-    assert pipe.step_key("input", QuantizePass, config, "cpu-int8", {}, None) != before
+    assert pipe.step_key("input", QuantizePass, config, {}, None) != before

@@ -24,7 +24,6 @@ from typing import Any
 log = logging.getLogger("optpipe.perf.isa")
 
 ENV_FLAGS = "OPTPIPE_CPU_FLAGS"
-FAMILIES = ("avx2", "avx512_vnni", "amx", "arm_dotprod", "other")
 # Values of a CPU target's `isa`: "portable" (and "avx2", the same numerics) quantize weights to 7 bits, which no
 # x86 or ARM kernel can saturate; the others keep 8-bit weights and need a CPU that accumulates exactly.
 TARGET_ISAS = ("portable", "avx2", "avx512_vnni", "amx", "arm_dotprod")

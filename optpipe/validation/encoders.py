@@ -11,7 +11,7 @@ import numpy as np
 
 from optpipe.errors import UnsupportedModelError
 from optpipe.validation.graph_checks import check_graph, cpu_run_errors
-from optpipe.pipeline import ModelFiles
+from optpipe.passbase import ModelFiles
 from optpipe.passbase import track
 from optpipe.session import create_session, provider_works
 from optpipe.source import load_tokenizer, model_inputs, ModelSource

@@ -15,7 +15,7 @@ import numpy as np
 from optpipe.passbase import track
 from optpipe.source import load_tokenizer, model_inputs
 
-log = logging.getLogger("optpipe.validation.encoders")
+log = logging.getLogger("optpipe.validation.generation")
 
 BATCH = 8
 MAX_LENGTH = 64

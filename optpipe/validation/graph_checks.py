@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from optpipe.pipeline import ModelFiles
+from optpipe.passbase import ModelFiles
 
 log = logging.getLogger("optpipe.validation.graph_checks")
 
