@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import logging
 import platform
 import shutil
@@ -154,8 +155,11 @@ def optimize(
         artifact = publish(staging, dest, manifest, overwrite)
         say(f"published {dest}")
         return artifact
-    except OSError as exc:
-        raise OutputError(f"cannot write the artifact: {exc}") from exc
+    except OSError as exc:  # copying into the staging directory, validation's and the profiler's files
+        if exc.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while building the artifact in {dest.parent}; free space and run "
+                              "again") from exc
+        raise OutputError(f"file error while building the artifact: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)

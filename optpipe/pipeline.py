@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -234,8 +235,11 @@ class Pipeline:
             instance.ensures(result, config, ctx)
         except (OptpipeError, KeyboardInterrupt, MemoryError):
             raise
-        except OSError as exc:
-            raise PassFailedError(f"pass {pass_cls.name!r} could not write its output: {exc}") from exc
+        except OSError as exc:  # reading or writing a file: say which, and a full disk plainly
+            if exc.errno == errno.ENOSPC:
+                raise PassFailedError(f"pass {pass_cls.name!r}: disk full ({exc.filename or 'its output'}); free "
+                                      "space and run again") from exc
+            raise PassFailedError(f"pass {pass_cls.name!r}: file error: {exc}") from exc
         except Exception as exc:
             raise PassFailedError(f"pass {pass_cls.name!r} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
         return result, time.perf_counter() - started

@@ -113,3 +113,21 @@ def test_failed_validation_publishes_nothing(tiny_bert_dir, tmp_path):
     with pytest.raises(ValidationFailedError, match="max_abs_diff"):
         optimize(str(tiny_bert_dir), "cpu-int8", out, overrides=["validate.max_abs_diff=0.0"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_bert_dir, tmp_path, monkeypatch):
+    """ENOSPC while the artifact is staged (the pass outputs are cached by then): one line, no partial directory."""
+    import errno
+    import shutil
+
+    import optpipe.api
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    optimize(str(tiny_bert_dir), "cpu-fp32", tmp_path / "warm")  # the passes' outputs are in the cache now
+    shutil.rmtree(tmp_path / "warm")
+    monkeypatch.setattr(optpipe.api.shutil, "copytree", full)  # shutil itself: undone after the test
+    with pytest.raises(OutputError, match="disk full while building the artifact") as info:
+        optimize(str(tiny_bert_dir), "cpu-fp32", tmp_path / "art")
+    assert "\n" not in str(info.value) and list(tmp_path.iterdir()) == []
