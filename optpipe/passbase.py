@@ -201,7 +201,9 @@ def save_onnx(model: Any, path: Path) -> None:
     """Save a ModelProto, with its weights in `<name>.data` beside it when it is too large for one file."""
     import onnx
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     if needs_external_data(model):
+        (path.parent / (path.name + ".data")).unlink(missing_ok=True)  # onnx appends to an existing data file
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data")
     else:

@@ -23,11 +23,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from optpipe.errors import ModelNotFoundError, UnsupportedModelError
+from optpipe.passbase import save_onnx
 from optpipe.passes.decoder_layers import GraphWriter, LayerShape, WeightSource, kv_value_info
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # static frequencies: they fit a precomputed cos/sin cache
-_EXTERNAL_DATA_BYTES = 1_800_000_000
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -215,7 +215,7 @@ def build_decoder(model_dir: Path, out_path: Path, *, weights: WeightSource | No
     model = helper.make_model(graph, opset_imports=opsets, producer_name="optpipe.decoder_graph")
     model.ir_version = 8
     say(f"  writing {out_path.name}")
-    _save(model, out_path)
+    save_onnx(model, out_path)
     notes = ["no position_ids input: GroupQueryAttention takes positions from attention_mask (ORTModelForCausalLM "
              "logs a 'legacy ONNX model' warning for this; generation is unaffected)"]
     if tied and head_kind != "untied":
@@ -231,18 +231,6 @@ def build_decoder(model_dir: Path, out_path: Path, *, weights: WeightSource | No
         op_counts=dict(sorted(Counter(n.op_type for n in g.nodes).items())), nodes=len(g.nodes),
         nbits_linears=tuple(g.nbits), overridden=tuple(dict.fromkeys(g.overridden)), tied_lm_head=head_kind,
         path=out_path, notes=tuple(notes))
-
-
-def _save(model, out_path: Path) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    if size > _EXTERNAL_DATA_BYTES:
-        data = out_path.name + ".data"
-        (out_path.parent / data).unlink(missing_ok=True)
-        onnx.save_model(model, out_path, save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                        size_threshold=1024)
-    else:
-        onnx.save_model(model, out_path)
 
 
 from optpipe.passes.decoder_genai import write_genai_config  # noqa: E402  (re-exported: part of this module's API)

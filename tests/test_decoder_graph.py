@@ -211,10 +211,11 @@ def test_rope_scaling_matches_torch(built, tmp_path, kind):
 
 def test_external_data_above_threshold(built, tmp_path, monkeypatch):
     """Graphs over the threshold (1.8 GB) keep their weights in model.onnx.data; tried here with a tiny threshold."""
-    import optpipe.passes.decoder_graph as decoder_graph
+    import optpipe.passbase as passbase
 
     source, out, _ = built("llama")
-    monkeypatch.setattr(decoder_graph, "_EXTERNAL_DATA_BYTES", 10_000)
+    monkeypatch.setattr(passbase, "EXTERNAL_DATA_BYTES", 10_000)  # the one threshold every pass saves with
+    (tmp_path / "model.onnx.data").write_bytes(b"stale" * 1000)  # a previous build's data is replaced, not appended to
     build_decoder(source, tmp_path / "model.onnx")
     assert (tmp_path / "model.onnx.data").stat().st_size > 10 * (tmp_path / "model.onnx").stat().st_size
     enc = _batch(source)
