@@ -56,7 +56,7 @@ def revalidate(path: Path, x64quantprecision: bool) -> dict:
     from optpipe import Artifact
     from optpipe.passbase import ModelFiles
     from optpipe.source import resolve_source
-    from optpipe.validation.encoders import validate
+    from optpipe.validation.validate import validate
 
     art = Artifact.load(path)
     src = art.manifest["source"]

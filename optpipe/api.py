@@ -19,7 +19,7 @@ from optpipe.passbase import ModelFiles, Tick, op_counts
 from optpipe.pipeline import Pipeline, PipelineResult, package_versions
 from optpipe.source import ModelSource, resolve_source
 from optpipe.targets import Target, load_target
-from optpipe.validation.encoders import VALIDATORS, ValidationResult, validate
+from optpipe.validation.validate import VALIDATORS, ValidationResult, validate
 
 log = logging.getLogger("optpipe")
 

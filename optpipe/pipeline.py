@@ -8,7 +8,6 @@ import functools
 import hashlib
 import json
 import logging
-import shutil
 import tempfile
 import time
 import typing

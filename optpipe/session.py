@@ -71,7 +71,6 @@ def provider_problem(provider: str) -> str | None:
 
 
 def _probe_model() -> bytes:
-    import onnx
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])

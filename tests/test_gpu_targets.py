@@ -3,7 +3,6 @@ tensorrt-int8. What needs the GPU is deferred in the manifest; what the CPU can 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -203,7 +202,7 @@ def test_graph_cpu_cannot_run_is_recorded_not_failed(cuda_fp16, tiny_bert_dir, t
     from optpipe.passbase import ModelFiles
     from optpipe.source import resolve_source
     from optpipe.targets import load_target
-    from optpipe.validation.encoders import validate
+    from optpipe.validation.validate import validate
 
     shutil.copytree(cuda_fp16.path, tmp_path / "a")
     model = onnx.load(str(tmp_path / "a" / "model.onnx"))

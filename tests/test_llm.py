@@ -4,7 +4,6 @@ source whose blocks are carried over unchanged; and the errors a user meets."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from optpipe.validation.encoders import is_ceiling
+from optpipe.validation.validate import is_ceiling
 
 
 def say(message: str) -> None:

@@ -35,7 +35,7 @@ class Scorer:
 
 def fidelity_scorer(source: ModelSource, target: Any) -> Scorer:
     """1 - mean cosine (or 1 - top-1 agreement) against the PyTorch model on the validation texts."""
-    from optpipe.validation.encoders import validate
+    from optpipe.validation.validate import validate
 
     def score(files: ModelFiles) -> float:
         metrics = validate(source, files, target).metrics

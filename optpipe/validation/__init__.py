@@ -1,5 +1,5 @@
 """Fidelity of an artifact against the model it came from: encoders, generators, and the graph itself."""
 
-from optpipe.validation.encoders import ValidationResult, validate
+from optpipe.validation.validate import ValidationResult, validate
 
 __all__ = ["ValidationResult", "validate"]
